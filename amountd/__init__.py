@@ -1,0 +1,68 @@
+"""amountd: follow Linux mount tables through fanotify mount events (or mountinfo).
+
+    async with amountd.watch(snapshot=True) as frames:
+        async for frame in frames:
+            ...
+
+Names are loaded on first use, so `amountd --help` does not pay for the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmountdError",
+    "End",
+    "Error",
+    "Event",
+    "Filter",
+    "Frame",
+    "FsPath",
+    "Mount",
+    "MountTable",
+    "Ready",
+    "Resync",
+    "Snapshot",
+    "apply_frame",
+    "snapshot",
+    "watch",
+]
+
+_LAZY = {
+    "AmountdError": "errors",
+    "End": "model",
+    "Error": "model",
+    "Event": "model",
+    "Frame": "model",
+    "FsPath": "model",
+    "Mount": "model",
+    "Ready": "model",
+    "Resync": "model",
+    "Snapshot": "model",
+    "Filter": "filter",
+    "MountTable": "table",
+    "apply_frame": "table",
+    "snapshot": "watch",
+    "watch": "watch",
+}
+
+if TYPE_CHECKING:
+    from .errors import AmountdError
+    from .filter import Filter
+    from .model import End, Error, Event, Frame, FsPath, Mount, Ready, Resync, Snapshot
+    from .table import MountTable, apply_frame
+    from .watch import snapshot, watch
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'amountd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"amountd.{mod}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,294 @@
+"""The `amountd` command: list, watch, serve, subscribe (DESIGN.md, "The command line").
+
+Heavy modules (anyio, the sources) are imported inside the commands, so `--help` and
+usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn
+
+from .errors import AmountdError, UsageError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"amountd: {message}\n(see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(s) or s < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return s
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="event loop to run on (default: asyncio)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks for failures")
+
+
+def _add_ns(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ns",
+        metavar="PID|NSPATH",
+        help="the mount namespace of process PID, or a namespace file (default: our own)",
+    )
+
+
+def _add_filters(p: argparse.ArgumentParser, *, actions: bool) -> None:
+    p.add_argument(
+        "-t",
+        "--types",
+        metavar="TYPES",
+        help="only these filesystem types, comma-separated; a 'no' prefix negates (notmpfs)",
+    )
+    p.add_argument("--under", metavar="PATH", help="only PATH itself and mounts below it")
+    if actions:
+        p.add_argument(
+            "--action",
+            metavar="LIST",
+            help="only these actions: mount,umount,move,remount,propagation",
+        )
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        default="auto",
+        metavar="auto|fanotify|mountinfo",
+        help="where changes come from (default: auto = fanotify, else mountinfo, saying why)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    _add_common(common)
+    parser = _Parser(
+        prog="amountd",
+        description="Follow Linux mount tables: fanotify mount events (Linux 6.15+) "
+        "or /proc/PID/mountinfo polling, as a command, a server, or a Python API.",
+        epilog="Exit status: 0 done (count reached, timeout, namespace ended, SIGINT/SIGTERM); "
+        "1 failure at run time; 2 bad usage.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("list", parents=[common], help="print the mount table once")
+    p.add_argument("--json", action="store_true", help="one snapshot frame as JSON")
+    _add_ns(p)
+    _add_filters(p, actions=False)
+    _add_source(p)
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("watch", parents=[common], help="print mount changes as they happen")
+    p.add_argument("--json", action="store_true", help="one JSON frame per line")
+    _add_source(p)
+    _add_ns(p)
+    p.add_argument("--snapshot", action="store_true", help="print the table first")
+    _add_filters(p, actions=True)
+    p.add_argument("--count", type=_positive_int, metavar="N", help="exit after N events")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
+    p.add_argument(
+        "--unlimited-queue",
+        action="store_true",
+        help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
+    )
+    p.set_defaults(func=_cmd_watch)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"amountd {__version__}"
+
+
+def _filter(args: argparse.Namespace) -> Any:
+    from .filter import Filter, parse_actions, parse_types
+    from .model import fspath
+
+    try:
+        actions = parse_actions(args.action) if getattr(args, "action", None) else None
+        types = parse_types(args.types) if args.types else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    under = fspath(os.fsencode(args.under)) if args.under else None
+    return Filter(actions=actions, fstypes=types, under=under)
+
+
+class Output:
+    """Frames to stdout, one line each, flushed at once (a pipe reader sees them live)."""
+
+    def __init__(self, json: bool, stream: IO[bytes] | None = None) -> None:
+        self.json = json
+        self.stream = stream if stream is not None else sys.stdout.buffer
+        self._header = False
+
+    def _write(self, data: bytes) -> None:
+        self.stream.write(data)
+        self.stream.flush()
+
+    def header(self) -> None:
+        from .render import HEADER
+
+        if not self.json and not self._header:
+            self._header = True
+            self._write(HEADER.encode() + b"\n")
+
+    def frame(self, frame: Any) -> None:
+        from .model import End, Event, Ready, Resync, Snapshot, encode_json
+        from .render import event_line, mount_line
+
+        if self.json:
+            self._write(encode_json(frame) + b"\n")
+            return
+        self.header()
+        if isinstance(frame, Event):
+            self._write(event_line(frame).encode("utf-8", "surrogateescape") + b"\n")
+        elif isinstance(frame, Snapshot):
+            rows = [mount_line(m, "present") for m in frame.mounts]
+            if rows:
+                self._write("\n".join(rows).encode("utf-8", "surrogateescape") + b"\n")
+        elif isinstance(frame, Ready):
+            if frame.reason:
+                print(f"amountd: {frame.reason}", file=sys.stderr, flush=True)
+        elif isinstance(frame, Resync):
+            print(f"amountd: resync ({frame.reason})", file=sys.stderr, flush=True)
+        elif isinstance(frame, End):
+            print(f"amountd: {frame.reason}", file=sys.stderr, flush=True)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .filter import filter_mounts
+    from .model import Snapshot, encode_json
+    from .render import LIST_HEADER, mount_line
+    from .watch import snapshot
+
+    flt = _filter(args)
+    mounts = snapshot(args.ns, source=args.source)
+    if not flt.is_empty:
+        mounts = filter_mounts(flt, mounts)
+    out = sys.stdout.buffer
+    if args.json:
+        ns_id = next((m.ns_id for m in mounts if m.ns_id is not None), None)
+        out.write(encode_json(Snapshot(seq=0, ns_id=ns_id, mounts=mounts)) + b"\n")
+    else:
+        lines = [LIST_HEADER] + [mount_line(m) for m in mounts]
+        out.write("\n".join(lines).encode("utf-8", "surrogateescape") + b"\n")
+    out.flush()
+    return 0
+
+
+async def run_until_signal(body: Callable[[], Any], timeout: float | None) -> None:
+    """Run `body` until it returns, `timeout` passes, or SIGINT/SIGTERM arrives."""
+    import signal
+
+    import anyio
+
+    async with anyio.create_task_group() as tg:
+
+        async def signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                async for _ in received:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(signals)
+        with anyio.move_on_after(timeout):
+            await body()
+        tg.cancel_scope.cancel()
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .model import Event
+    from .watch import watch
+
+    flt = _filter(args)
+    out = Output(args.json)
+
+    async def body() -> None:
+        n = 0
+        async with watch(
+            source=args.source,
+            ns=args.ns,
+            snapshot=args.snapshot,
+            filter=flt,
+            unlimited_queue=args.unlimited_queue,
+        ) as frames:
+            async for frame in frames:
+                out.frame(frame)
+                if isinstance(frame, Event):
+                    n += 1
+                    if args.count is not None and n >= args.count:
+                        return
+
+    if not args.json:
+        out.header()
+    run(lambda: run_until_signal(body, args.timeout), args.backend)
+    return 0
+
+
+def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+def run(fn: Callable[[], Any], backend: str) -> None:
+    """Run on the chosen loop; a task group's lone failure comes out as itself."""
+    import anyio
+
+    try:
+        anyio.run(fn, backend=backend)
+    except BaseExceptionGroup as eg:
+        leaves = _leaves(eg)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except AmountdError as e:
+        if args.debug:
+            raise
+        print(f"amountd: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader went away (`amountd watch | head`): that is a normal end.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return rc

@@ -1,0 +1,147 @@
+"""Pure: what one subscriber asked to see (actions, filesystem types, a subtree).
+
+A filter works on a watcher's view: with `under`, a mount moved into the subtree
+appears (`mount`) and one moved out of it disappears (`umount`), so a consumer that
+applies the filtered frames holds exactly the filtered table.
+
+A field that is null in a record (a mount that came and went before it could be
+described) cannot exclude it: such a mount passes the type and subtree tests, so its
+`mount` and its `umount` reach the consumer together.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import cast
+
+import msgspec
+
+from amountd.model import ACTIONS, Action, Event, FsPath, Mount
+
+__all__ = ["Filter", "filter_event", "filter_mounts", "parse_actions", "parse_types"]
+
+
+class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True, dict=True):
+    """A subscriber's filter; a field left null (or an empty list) does not filter.
+
+    `fstypes` works like `findmnt -t`: `notmpfs` excludes tmpfs; with only exclusions,
+    every other type passes; otherwise only the listed types pass. Types match exactly
+    (`fuse` does not match `fuse.sshfs`). `under` is PATH itself and everything below
+    it, on path-component boundaries.
+    """
+
+    actions: list[Action] | None = None
+    fstypes: list[str] | None = None
+    under: FsPath | None = None
+
+    @functools.cached_property
+    def is_empty(self) -> bool:
+        """Nothing is filtered: callers skip the filter entirely."""
+        return not self.actions and not self.fstypes and self.under is None
+
+    @functools.cached_property
+    def _actions(self) -> frozenset[str] | None:
+        return frozenset(self.actions) if self.actions else None
+
+    @functools.cached_property
+    def _types(self) -> tuple[frozenset[str], frozenset[str]] | None:
+        """(included, excluded); an empty `included` means "all but the excluded"."""
+        if not self.fstypes:
+            return None
+        inc = frozenset(t for t in self.fstypes if not t.startswith("no"))
+        exc = frozenset(t[2:] for t in self.fstypes if t.startswith("no"))
+        return inc, exc
+
+    @functools.cached_property
+    def _under(self) -> tuple[str, str] | None:
+        """(the path without trailing slashes, that path + "/"); ("", "/") for the root."""
+        if self.under is None:
+            return None
+        path: str = self.under
+        while "//" in path:
+            path = path.replace("//", "/")
+        path = path.rstrip("/")
+        return path, path + "/"
+
+    def type_matches(self, fstype: str | None) -> bool:
+        types = self._types
+        if types is None or fstype is None:
+            return True
+        inc, exc = types
+        if fstype in exc:
+            return False
+        return not inc or fstype in inc
+
+    def is_under(self, target: str | None) -> bool:
+        under = self._under
+        if under is None or target is None:
+            return True
+        path, prefix = under
+        return target == path or target.startswith(prefix)
+
+    def action_matches(self, action: str) -> bool:
+        actions = self._actions
+        return actions is None or action in actions
+
+    def matches_mount(self, m: Mount) -> bool:
+        """The type and subtree tests (actions concern events, not mounts)."""
+        return self.type_matches(m.fstype) and self.is_under(m.target)
+
+
+def filter_mounts(f: Filter | None, mounts: Iterable[Mount]) -> list[Mount]:
+    """The mounts a snapshot for this filter holds, in the order given."""
+    if f is None or f.is_empty:
+        return list(mounts)
+    return [m for m in mounts if f.matches_mount(m)]
+
+
+def filter_event(f: Filter | None, ev: Event) -> Event | None:
+    """The event as this filter's watcher sees it, or None if it does not see it."""
+    if f is None or f.is_empty:
+        return ev
+    if f.under is not None:
+        if ev.action == "move" and ev.old is not None:
+            was_in = f.is_under(ev.old.target)
+            is_in = f.is_under(ev.mount.target)
+            if not is_in:
+                if not was_in:
+                    return None
+                ev = msgspec.structs.replace(ev, action="umount", mount=ev.old, old=None)
+            elif not was_in:
+                ev = msgspec.structs.replace(ev, action="mount", old=None)
+        elif not f.is_under(ev.mount.target):
+            return None
+    if not f.action_matches(ev.action):
+        return None
+    if not f.type_matches(ev.mount.fstype):
+        return None
+    return ev
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_types(text: str) -> list[str]:
+    """`-t ext4,notmpfs` as a list; ValueError if it names no type."""
+    types = _split(text)
+    if not types:
+        raise ValueError(f"no filesystem types in {text!r}: give a comma-separated list")
+    for t in types:
+        if t == "no":
+            raise ValueError("'no' alone is not a filesystem type: write notmpfs to exclude tmpfs")
+    return types
+
+
+def parse_actions(text: str) -> list[Action]:
+    """`--action mount,umount` as a list; ValueError naming an unknown action."""
+    names = _split(text)
+    if not names:
+        raise ValueError(f"no actions in {text!r}: choose from {', '.join(ACTIONS)}")
+    out: list[Action] = []
+    for name in names:
+        if name not in ACTIONS:
+            raise ValueError(f"unknown action {name!r}: choose from {', '.join(ACTIONS)}")
+        out.append(cast(Action, name))
+    return out

@@ -1,0 +1,274 @@
+"""Thin ctypes shells over fanotify, listmount, statmount, statx and the nsfs ioctls.
+
+Each call does the syscall, turns a failure into an `errors` exception that says what
+to do, and hands the bytes to `layouts` for decoding. Nothing here keeps state besides
+one reusable statmount/listmount buffer per thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import threading
+
+from amountd.model import Mount
+
+from . import consts as c
+from .errors import KernelError, MountGone, NamespaceGone, Unsupported, from_errno
+from .layouts import (
+    FanEvent,
+    build_mnt_id_req,
+    parse_fanotify_events,
+    parse_statmount,
+    statmount_to_mount,
+)
+
+__all__ = [
+    "enter_mntns",
+    "fanotify_init",
+    "fanotify_mark",
+    "libc",
+    "listmount",
+    "mntns_id",
+    "mntns_info",
+    "read_fanotify",
+    "stat_mount",
+    "statmount",
+    "statx_mnt_id",
+]
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+_syscall = libc.syscall
+_syscall.restype = ctypes.c_long
+
+_fanotify_init = libc.fanotify_init
+_fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_fanotify_init.restype = ctypes.c_int
+
+_fanotify_mark = libc.fanotify_mark
+_fanotify_mark.argtypes = [
+    ctypes.c_int,
+    ctypes.c_uint,
+    ctypes.c_uint64,
+    ctypes.c_int,
+    ctypes.c_char_p,
+]
+_fanotify_mark.restype = ctypes.c_int
+
+_statx = libc.statx
+_statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+_statx.restype = ctypes.c_int
+
+_SYS_statmount = ctypes.c_long(c.SYS_statmount)
+_SYS_listmount = ctypes.c_long(c.SYS_listmount)
+_ZERO = ctypes.c_uint(0)
+
+_LISTMOUNT_SOME = "listmount()/statmount()"
+_LISTMOUNT_SINCE = "6.8"
+_FAN_MNT = "fanotify mount events (FAN_REPORT_MNT, FAN_MARK_MNTNS)"
+_FAN_MNT_SINCE = "6.15"
+
+if c.MACHINE not in ("x86_64", "aarch64", "riscv64", "s390x", "ppc64le", "loongarch64"):
+    # statmount/listmount have the same number on every arch of the unified table;
+    # alpha, mips and ia64 are the exceptions, and amountd does not run there.
+    raise ImportError(f"amountd.kernel does not know the syscall numbers of {c.MACHINE}")
+
+
+def _fail(what: str, *, feature: str = "", since: str = "") -> KernelError:
+    err = ctypes.get_errno()
+    return from_errno(err, what, feature=feature, since=since)
+
+
+# ---------------------------------------------------------------------------- fanotify
+
+
+def fanotify_init(flags: int, event_f_flags: int = os.O_RDONLY | os.O_CLOEXEC) -> int:
+    """A new fanotify group fd (for amountd: FAN_REPORT_MNT | FAN_CLOEXEC | FAN_NONBLOCK)."""
+    fd: int = _fanotify_init(flags, event_f_flags)
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL and flags & c.FAN_REPORT_MNT:
+            raise Unsupported(err, _FAN_MNT, _FAN_MNT_SINCE)
+        if err in (errno.EPERM, errno.EACCES) and flags & c.FAN_UNLIMITED_QUEUE:
+            raise from_errno(err, "fanotify_init(FAN_UNLIMITED_QUEUE) needs real root")
+        raise from_errno(err, "fanotify_init", feature="fanotify", since="2.6.37")
+    return fd
+
+
+def fanotify_mark(
+    fd: int, flags: int, mask: int, dirfd: int = c.AT_FDCWD, path: str | bytes | None = None
+) -> None:
+    """Add/remove a mark. A namespace mark: FAN_MARK_ADD|FAN_MARK_MNTNS on the ns file
+    (its `path`, or `dirfd` = an open ns fd and no path)."""
+    p = os.fsencode(path) if path is not None else None
+    if _fanotify_mark(fd, flags, mask, dirfd, p) < 0:
+        err = ctypes.get_errno()
+        mntns = flags & c.FAN_MARK_MNTNS == c.FAN_MARK_MNTNS
+        if err == errno.EINVAL and mntns:
+            raise Unsupported(err, _FAN_MNT, _FAN_MNT_SINCE)
+        what = f"fanotify_mark({path!r})" if path is not None else "fanotify_mark"
+        if err == errno.ENOENT and mntns:
+            raise NamespaceGone(err, 0)
+        raise from_errno(err, what)
+
+
+def read_fanotify(fd: int, size: int = 65536) -> list[FanEvent]:
+    """One read() of a group, decoded; [] when nothing is queued (non-blocking fd).
+
+    `size` bounds a batch: 40 bytes an event, so 64 KiB holds ~1,600 events.
+    """
+    try:
+        data = os.read(fd, size)
+    except BlockingIOError:
+        return []
+    return parse_fanotify_events(data)
+
+
+# ------------------------------------------------------------------ listmount, statmount
+
+
+class _Buffers(threading.local):
+    def __init__(self) -> None:
+        self.sm_size = 4096
+        self.sm = ctypes.create_string_buffer(self.sm_size)
+        self.lm_n = 4096
+        self.lm = (ctypes.c_uint64 * self.lm_n)()
+
+
+_tls = _Buffers()
+_U32 = struct.Struct("<I")
+
+
+def statmount(mnt_id: int, ns_id: int = 0, mask: int = c.STATMOUNT_MOUNT) -> bytes:
+    """The raw statmount() answer for a unique mount ID (decode with parse_statmount).
+
+    `ns_id` 0 means the caller's namespace. MountGone when the mount is not (or no
+    longer) in that namespace. The buffer is per thread and grows on EOVERFLOW.
+    """
+    req = build_mnt_id_req(mnt_id, mask, ns_id)
+    tls = _tls
+    while True:
+        buf = tls.sm
+        r = _syscall(_SYS_statmount, req, buf, ctypes.c_size_t(tls.sm_size), _ZERO)
+        if r == 0:
+            size = _U32.unpack_from(buf)[0]
+            return ctypes.string_at(buf, min(size, tls.sm_size))
+        err = ctypes.get_errno()
+        if err == errno.EOVERFLOW and tls.sm_size < 1 << 24:
+            tls.sm_size *= 4
+            tls.sm = ctypes.create_string_buffer(tls.sm_size)
+            continue
+        if err == errno.ENOENT:
+            raise MountGone(mnt_id)
+        if err == errno.ENOSYS:
+            raise Unsupported(err, _LISTMOUNT_SOME, _LISTMOUNT_SINCE)
+        if err == errno.EINVAL and mnt_id < 1 << 31:
+            raise KernelError(
+                err, f"statmount({mnt_id}): not a unique mount ID (those are >= 2**31)"
+            )
+        raise from_errno(err, f"statmount({mnt_id})")
+
+
+def stat_mount(mnt_id: int, ns_id: int = 0) -> Mount:
+    """statmount() decoded into the Mount mountinfo would show (MountGone if gone)."""
+    return statmount_to_mount(parse_statmount(statmount(mnt_id, ns_id)))
+
+
+def listmount(ns_id: int = 0, *, root: int = c.LSMT_ROOT) -> list[int]:
+    """Every unique mount ID below `root` (LSMT_ROOT: the whole table), ascending.
+
+    `ns_id` 0 means the caller's namespace. NamespaceGone if `ns_id` names none.
+    """
+    tls = _tls
+    buf, n = tls.lm, tls.lm_n
+    out: list[int] = []
+    last = 0
+    while True:
+        req = build_mnt_id_req(root, last, ns_id)
+        r = _syscall(_SYS_listmount, req, buf, ctypes.c_size_t(n), _ZERO)
+        if r < 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSYS:
+                raise Unsupported(err, _LISTMOUNT_SOME, _LISTMOUNT_SINCE)
+            if err == errno.ENOENT and ns_id:
+                raise NamespaceGone(err, ns_id)
+            raise from_errno(err, f"listmount(ns {ns_id or 'own'})")
+        out += buf[:r]
+        if r < n:
+            return out
+        last = out[-1]
+
+
+# ----------------------------------------------------------------------- statx, nsfs
+
+_STATX_SIZE = 256
+_statx_tls = threading.local()
+_U64 = struct.Struct("<Q")
+
+
+def statx_mnt_id(path: str | bytes, dirfd: int = c.AT_FDCWD) -> int:
+    """The unique mount ID (the one fanotify and statmount use) of the mount holding path.
+
+    An empty path with a dirfd names the fd itself (AT_EMPTY_PATH).
+    """
+    buf = getattr(_statx_tls, "buf", None)
+    if buf is None:
+        buf = _statx_tls.buf = ctypes.create_string_buffer(_STATX_SIZE)
+    p = os.fsencode(path)
+    flags = c.AT_STATX_DONT_SYNC | (c.AT_EMPTY_PATH if not p else 0)
+    if _statx(dirfd, p, flags, c.STATX_MNT_ID_UNIQUE, buf) < 0:
+        err = ctypes.get_errno()
+        raise from_errno(err, f"statx({path!r})")
+    if not _U32.unpack_from(buf)[0] & c.STATX_MNT_ID_UNIQUE:
+        raise Unsupported(errno.EINVAL, "statx(STATX_MNT_ID_UNIQUE)", "6.8")
+    mnt_id: int = _U64.unpack_from(buf, c.STATX_OFF_MNT_ID)[0]
+    return mnt_id
+
+
+def mntns_id(fd: int) -> int:
+    """The 64-bit ID of the mount namespace an nsfs fd refers to (NS_GET_MNTNS_ID)."""
+    try:
+        out = fcntl.ioctl(fd, c.NS_GET_MNTNS_ID, bytes(8))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL):
+            raise Unsupported(e.errno, "NS_GET_MNTNS_ID on mount namespace files", "6.8") from None
+        raise from_errno(e.errno or 0, "ioctl(NS_GET_MNTNS_ID)") from None
+    ns_id: int = _U64.unpack(out)[0]
+    return ns_id
+
+
+_MNT_NS_INFO = struct.Struct("<IIQ")
+
+
+def mntns_info(fd: int) -> tuple[int, int]:
+    """(nr_mounts, ns_id) of the mount namespace an nsfs fd refers to (NS_MNT_GET_INFO)."""
+    try:
+        out = fcntl.ioctl(fd, c.NS_MNT_GET_INFO, _MNT_NS_INFO.pack(c.MNT_NS_INFO_SIZE_VER0, 0, 0))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL):
+            raise Unsupported(e.errno, "NS_MNT_GET_INFO on mount namespace files", "6.12") from None
+        raise from_errno(e.errno or 0, "ioctl(NS_MNT_GET_INFO)") from None
+    _size, nr_mounts, ns_id = _MNT_NS_INFO.unpack(out)
+    return nr_mounts, ns_id
+
+
+_CLONE_FS = 0x200
+_CLONE_NEWNS = 0x20000
+
+
+def enter_mntns(fd: int) -> None:
+    """Move the calling THREAD (not the process) into the mount namespace of nsfs `fd`.
+
+    For a dedicated worker thread: it first unshares its cwd/root (CLONE_FS) from the
+    other threads, then setns(). Why: statmount computes `propagate_from` and
+    `mnt_point` against the caller's root, so only a caller inside the namespace gets
+    what /proc/PID/mountinfo shows (from outside, propagate_from is always 0).
+    """
+    if libc.unshare(_CLONE_FS) < 0:
+        raise _fail("unshare(CLONE_FS)")
+    if libc.setns(fd, _CLONE_NEWNS) < 0:
+        raise _fail("setns(CLONE_NEWNS)")

@@ -1,0 +1,197 @@
+"""The records and frames that cross every boundary (DESIGN.md, "Records and frames").
+
+Paths are exact. In Python a path is a `FsPath`: a `str` holding the kernel's bytes
+decoded as UTF-8 with surrogateescape (the convention of `os.listdir`), so every byte
+survives. msgpack carries it as `bin` (the raw bytes); JSON carries it as text in which
+a byte that is not valid UTF-8, and the backslash itself, are written `\\xNN`, so the
+JSON form is readable and still reversible.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "End",
+    "Error",
+    "Event",
+    "Frame",
+    "FsPath",
+    "Mount",
+    "Ready",
+    "Resync",
+    "Snapshot",
+    "Via",
+    "decode_json",
+    "decode_msgpack",
+    "encode_json",
+    "encode_msgpack",
+    "fspath",
+    "fspath_bytes",
+]
+
+
+class FsPath(str):
+    """A path from the kernel: `str` with surrogateescape, encoded exactly on the wire."""
+
+    __slots__ = ()
+
+
+def fspath(raw: bytes | str) -> FsPath:
+    """The one way kernel bytes become a path value."""
+    if isinstance(raw, bytes):
+        return FsPath(raw.decode("utf-8", "surrogateescape"))
+    return raw if type(raw) is FsPath else FsPath(raw)
+
+
+def fspath_bytes(path: str) -> bytes:
+    """The kernel's bytes behind a path value."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+_JSON_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
+
+
+def _path_to_json(path: str) -> str:
+    if "\\" in path:
+        path = path.replace("\\", "\\x5c")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return str(path)  # a plain str: an FsPath would come back to this hook forever
+
+
+def _path_from_json(text: str) -> FsPath:
+    if "\\x" not in text:
+        return FsPath(text)
+    raw = _JSON_ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), text.encode("utf-8"))
+    return fspath(raw)
+
+
+Action = Literal["mount", "umount", "move", "remount", "propagation"]
+Via = Literal["fanotify", "mountinfo", "resync"]
+ACTIONS: tuple[str, ...] = ("mount", "umount", "move", "remount", "propagation")
+
+
+class Mount(msgspec.Struct, kw_only=True):
+    """One mount: a line of mountinfo, or one statmount answer.
+
+    A field the source cannot know (or the kernel no longer gives, for a mount that is
+    gone) is None. `dev` (mountinfo's third field, statmount's sb_dev_major/minor) is
+    an addition to DESIGN.md's table: it tells a reused 32-bit ID from the same mount.
+    """
+
+    id: int | None = None
+    legacy_id: int | None = None
+    parent_id: int | None = None
+    legacy_parent_id: int | None = None
+    ns_id: int | None = None
+    target: FsPath | None = None
+    root: FsPath | None = None
+    source: FsPath | None = None
+    fstype: str | None = None
+    options: str | None = None
+    fs_options: FsPath | None = None
+    propagation: str | None = None
+    dev: str | None = None
+
+    @property
+    def key(self) -> int:
+        """The ID a table files this mount under: the unique ID, else the 32-bit one."""
+        k = self.id if self.id is not None else self.legacy_id
+        if k is None:
+            raise ValueError("a mount needs an id or a legacy_id")
+        return k
+
+
+class Snapshot(msgspec.Struct, kw_only=True, tag="snapshot", tag_field="type"):
+    seq: int
+    ns_id: int | None
+    mounts: list[Mount]
+
+
+class Ready(msgspec.Struct, kw_only=True, tag="ready", tag_field="type"):
+    source: str
+    ns_id: int | None
+    reason: str | None = None
+
+
+class Event(msgspec.Struct, kw_only=True, tag="event", tag_field="type"):
+    seq: int
+    time: float
+    action: Action
+    via: Via
+    mount: Mount
+    old: Mount | None = None
+    pid: int | None = None
+    comm: str | None = None
+
+
+class Resync(msgspec.Struct, kw_only=True, tag="resync", tag_field="type"):
+    seq: int
+    reason: str
+
+
+class End(msgspec.Struct, kw_only=True, tag="end", tag_field="type"):
+    reason: str
+
+
+class Error(msgspec.Struct, kw_only=True, tag="error", tag_field="type"):
+    code: str
+    message: str
+
+
+Frame = Snapshot | Ready | Event | Resync | End | Error
+
+
+def _json_enc_hook(obj: Any) -> Any:
+    if isinstance(obj, FsPath):
+        return _path_to_json(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _msgpack_enc_hook(obj: Any) -> Any:
+    if isinstance(obj, FsPath):
+        return obj.encode("utf-8", "surrogateescape")
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is FsPath:
+        if isinstance(obj, bytes):
+            return fspath(obj)
+        if isinstance(obj, str):
+            return _path_from_json(obj)
+    raise NotImplementedError(f"cannot decode {tp!r}")
+
+
+_json_encoder = msgspec.json.Encoder(enc_hook=_json_enc_hook)
+_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_msgpack_enc_hook)
+_json_decoder: msgspec.json.Decoder[Frame] = msgspec.json.Decoder(Frame, dec_hook=_dec_hook)
+_msgpack_decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(
+    Frame, dec_hook=_dec_hook
+)
+
+
+def encode_json(obj: Frame | Mount) -> bytes:
+    """One frame as compact JSON (no newline)."""
+    return _json_encoder.encode(obj)
+
+
+def encode_msgpack(obj: Frame | Mount) -> bytes:
+    return _msgpack_encoder.encode(obj)
+
+
+def decode_json(data: bytes | str) -> Frame:
+    """Raises msgspec.DecodeError / ValidationError for anything that is not a frame."""
+    return _json_decoder.decode(data)
+
+
+def decode_msgpack(data: bytes) -> Frame:
+    return _msgpack_decoder.decode(data)

@@ -1,0 +1,84 @@
+"""Interchangeable sources of mount changes, and `auto`, which picks one and says why."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from ..errors import AmountdError, UsageError
+from ..ns import Namespace
+from ..table import MountTable
+from .base import Change, Source
+
+__all__ = ["SOURCES", "Change", "Source", "open_source", "read_table"]
+
+SOURCES = ("auto", "fanotify", "mountinfo")
+
+
+def _fanotify(ns: Namespace, unlimited_queue: bool) -> Source:
+    from .fanotify import FanotifySource
+
+    return FanotifySource(ns, unlimited_queue=unlimited_queue)
+
+
+def _mountinfo(ns: Namespace) -> Source:
+    from .mountinfo_poll import MountinfoSource
+
+    return MountinfoSource(ns)
+
+
+@asynccontextmanager
+async def open_source(
+    kind: str, ns: Namespace, *, unlimited_queue: bool = False
+) -> AsyncIterator[Source]:
+    """An armed source: every change after this yields is reported by `changes()`."""
+    if kind not in SOURCES:
+        raise UsageError(f"unknown source {kind!r}: choose one of {', '.join(SOURCES)}")
+    reason: str | None = None
+    src: Source | None = None
+    if kind in ("auto", "fanotify"):
+        try:
+            src = _fanotify(ns, unlimited_queue)
+            await src.arm()
+        except (AmountdError, ImportError) as e:
+            if src is not None:
+                src.close()
+            src = None
+            if kind == "fanotify":
+                if isinstance(e, AmountdError):
+                    raise
+                raise AmountdError(f"the fanotify source is not available: {e}") from None
+            reason = f"fanotify unavailable: {e}; fell back to mountinfo"
+    if src is None:
+        src = _mountinfo(ns)
+        src.reason = reason
+        try:
+            await src.arm()
+        except BaseException:
+            src.close()
+            raise
+    try:
+        yield src
+    finally:
+        src.close()
+
+
+def read_table(kind: str, ns: Namespace) -> MountTable:
+    """The table now, once, without arming a watch (`amountd list`, `snapshot()`)."""
+    if kind not in SOURCES:
+        raise UsageError(f"unknown source {kind!r}: choose one of {', '.join(SOURCES)}")
+    if kind in ("auto", "fanotify"):
+        try:
+            from .fanotify import read_kernel_table
+        except ImportError as e:
+            if kind == "fanotify":
+                raise AmountdError(f"the fanotify source is not available: {e}") from None
+        else:
+            try:
+                return read_kernel_table(ns)
+            except AmountdError:
+                if kind == "fanotify":
+                    raise
+    from .mountinfo_poll import MountinfoSource
+
+    return MountinfoSource(ns).read()

@@ -1,0 +1,378 @@
+"""The fanotify source: O(1) work per mount change (Linux 6.15+ mount events).
+
+A FAN_REPORT_MNT group with a FAN_MARK_MNTNS mark reports attach and detach with the
+mount's unique ID; statmount() describes what attached, the table describes what went
+away. fanotify says nothing of remounts or propagation changes, so the namespace's
+mountinfo is polled for POLLPRI alongside: a POLLPRI that no fanotify event explains
+starts a sweep (one statmount per mount, without paths) that finds what changed.
+
+POLLPRI is raised by every mount change, remounts included, and before the change's
+fanotify event is queued: so after a POLLPRI we read fanotify, give a missing event a
+moment (`grace`) to land, and sweep only when none came. The mountinfo file we poll
+keeps the namespace alive, so it is dropped when the last process we know in it exits;
+the namespace's end then arrives as fanotify DETACHes, one per mount.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncGenerator
+
+import anyio
+import msgspec
+
+from ..errors import AmountdError, NamespaceError
+from ..kernel import consts as c
+from ..kernel.errors import KernelError, MountGone, NamespaceGone
+from ..kernel.layouts import (
+    FanEvent,
+    fs_options_of,
+    options_of,
+    parse_statmount,
+    propagation_of,
+    statmount_to_mount,
+)
+from ..kernel.syscalls import (
+    fanotify_init,
+    fanotify_mark,
+    listmount,
+    mntns_id,
+    read_fanotify,
+    statmount,
+)
+from ..loop import FdWatch, PriorityWatch, close_fd, fd_is_readable
+from ..model import Action, End, Event, Mount, Resync, fspath
+from ..ns import Namespace, find_pid
+from ..table import MountTable, diff
+from .base import Change, Source
+
+__all__ = ["FanotifySource", "read_kernel_table"]
+
+_SWEEP_MASK = (
+    c.STATMOUNT_SB_BASIC | c.STATMOUNT_MNT_BASIC | c.STATMOUNT_PROPAGATE_FROM | c.STATMOUNT_MNT_OPTS
+)
+_READ_SIZE = 1 << 18  # ~6,500 events a read
+
+
+def _describe(mnt_id: int, ns_id: int) -> Mount | None:
+    try:
+        return statmount_to_mount(parse_statmount(statmount(mnt_id, ns_id)))
+    except MountGone:
+        return None
+
+
+def _kernel_table(ns_id: int) -> MountTable:
+    table = MountTable()
+    for mnt_id in listmount(ns_id):
+        m = _describe(mnt_id, ns_id)
+        if m is not None:  # gone between listmount and statmount: not in the table
+            table.add(m)
+    return table
+
+
+def read_kernel_table(ns: Namespace) -> MountTable:
+    """listmount + statmount of every mount: the table with unique IDs."""
+    if ns.ns_id is None:
+        raise AmountdError(
+            f"this kernel ({os.uname().release}) gives no mount namespace IDs (Linux 6.8+)"
+        )
+    try:
+        return _kernel_table(ns.ns_id)
+    except NamespaceGone:
+        raise NamespaceError(f"the mount namespace of {ns.label} is gone") from None
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+class FanotifySource(Source):
+    kind = "fanotify"
+
+    def __init__(self, ns: Namespace, *, unlimited_queue: bool = False, grace: float = 0.002):
+        super().__init__(ns)
+        self.unlimited_queue = unlimited_queue
+        self.grace = grace
+        self._ns_id = ns.ns_id
+        self._fan = -1
+        self._watch: FdWatch | None = None
+        self._pid: int | None = None
+        self._pidfd = -1
+        self._mi = -1  # /proc/PID/mountinfo, for POLLPRI
+        self._pri: PriorityWatch | None = None
+        self.sweeps = 0
+
+    @property
+    def ns_id(self) -> int | None:
+        return self._ns_id
+
+    async def arm(self) -> None:
+        flags = c.FAN_REPORT_MNT | c.FAN_CLOEXEC | c.FAN_NONBLOCK
+        if self.unlimited_queue:
+            flags |= c.FAN_UNLIMITED_QUEUE
+        self._fan = fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            nsfd = os.open(self.ns.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NamespaceError(f"cannot open {self.ns.path}: {e.strerror}") from None
+        try:
+            fanotify_mark(
+                self._fan,
+                c.FAN_MARK_ADD | c.FAN_MARK_MNTNS,
+                c.FAN_MNT_ATTACH | c.FAN_MNT_DETACH,
+                nsfd,
+                None,
+            )
+            self._ns_id = mntns_id(nsfd)
+        finally:
+            os.close(nsfd)  # an open ns fd would keep the namespace (and its end) alive
+        self._watch = FdWatch()
+        self._watch.add_readable(self._fan)
+        if self.ns.pid is not None:
+            self._follow(self.ns.pid)
+        if self._pid is None:
+            self.reason = (
+                "remounts and propagation changes are not reported: no process is known in "
+                "the namespace to poll its mountinfo (give --ns a PID)"
+            )
+        # Marked before listing: a mount attached from here on is either listed or
+        # reported (or both: an ATTACH for a listed mount is skipped).
+        self.table = _kernel_table(self._ns_id)
+
+    # ---------------------------------------------------------------- mountinfo pollers
+
+    def _follow(self, pid: int) -> None:
+        """Poll /proc/PID/mountinfo for POLLPRI, and notice when PID exits."""
+        self._drop_pid()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            mi = os.open(f"/proc/{pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(pidfd)
+            return
+        assert self._watch is not None
+        self._pid, self._pidfd, self._mi = pid, pidfd, mi
+        self._pri = PriorityWatch(mi)
+        self._watch.add_readable(self._pri.fd)
+        self._watch.add_readable(pidfd)
+
+    def _drop_pid(self) -> None:
+        """Let go of the namespace: an open mountinfo file keeps it alive."""
+        if self._pri is not None:
+            if self._watch is not None:
+                self._watch.remove(self._pri.fd)
+            self._pri.close()
+            self._pri = None
+        if self._pidfd >= 0:
+            if self._watch is not None:
+                self._watch.remove(self._pidfd)
+            close_fd(self._pidfd)
+        if self._mi >= 0:
+            os.close(self._mi)
+        self._pid = None
+        self._mi = self._pidfd = -1
+
+    def _pid_exited(self) -> None:
+        """Follow another process of the namespace, or let the namespace go."""
+        self._drop_pid()
+        pid = find_pid(self.ns)
+        if pid is not None:
+            self._follow(pid)
+
+    def _table_changed(self) -> bool:
+        """POLLPRI since we last asked: a mount, umount, move or remount happened."""
+        return self._pri is not None and self._pri.fired()
+
+    # ------------------------------------------------------------------------- events
+
+    def _apply(self, events: list[FanEvent], out: list[Change]) -> bool:
+        """Turn kernel events into changes; False once the namespace is gone."""
+        now = time.time()
+        table = self.table
+        ns_id = self._ns_id
+        assert ns_id is not None
+        comms: dict[int, str | None] = {}
+        for ev in events:
+            if ev.mask & c.FAN_Q_OVERFLOW:
+                self._resync("overflow", out)
+                continue
+            mid = ev.mnt_id
+            if mid is None:
+                continue
+            pid = ev.pid if ev.pid > 0 else None
+            comm = None
+            if pid is not None:
+                comm = comms[pid] if pid in comms else comms.setdefault(pid, _comm(pid))
+            attach = ev.mask & c.FAN_MNT_ATTACH
+            detach = ev.mask & c.FAN_MNT_DETACH
+            if attach and detach:  # a move (or pivot_root): same mount, new place
+                old = table.get(mid)
+                new = _describe(mid, ns_id)
+                if new is None:
+                    if old is not None:  # moved, then gone before we asked
+                        continue  # its DETACH follows and reports it
+                    new = Mount(id=mid, ns_id=ns_id)
+                if new == old:
+                    continue  # described at its new place already, by an earlier event
+                table.add(new)
+                action: Action = "move" if old is not None else "mount"
+                out.append(
+                    Event(
+                        seq=0,
+                        time=now,
+                        action=action,
+                        via="fanotify",
+                        mount=new,
+                        old=old,
+                        pid=pid,
+                        comm=comm,
+                    )
+                )
+            elif attach:
+                if mid in table:
+                    continue  # listed at arm or resync time already
+                new = _describe(mid, ns_id)
+                if new is None:  # came and went: report it, with what we know
+                    new = Mount(id=mid, ns_id=ns_id)
+                table.add(new)
+                out.append(
+                    Event(
+                        seq=0,
+                        time=now,
+                        action="mount",
+                        via="fanotify",
+                        mount=new,
+                        pid=pid,
+                        comm=comm,
+                    )
+                )
+            elif detach:
+                old = table.pop(mid)
+                if old is None:
+                    continue
+                out.append(
+                    Event(
+                        seq=0,
+                        time=now,
+                        action="umount",
+                        via="fanotify",
+                        mount=old,
+                        pid=pid,
+                        comm=comm,
+                    )
+                )
+                if not len(table):
+                    out.append(End(reason=f"mount namespace {ns_id} was freed"))
+                    return False
+        return True
+
+    def _resync(self, reason: str, out: list[Change]) -> None:
+        """Rebuild from listmount + statmount; the difference goes out `via: resync`."""
+        out.append(Resync(seq=0, reason=reason))
+        assert self._ns_id is not None
+        try:
+            new = _kernel_table(self._ns_id)
+        except NamespaceGone:
+            new = MountTable()
+        out.extend(diff(self.table, new, via="resync", time=time.time(), ns_id=self._ns_id))
+        self.table = new
+
+    def _sweep(self, out: list[Change]) -> None:
+        """Find remounts and propagation changes: flags and fs options of every mount.
+
+        One statmount without paths per mount (~3 µs); a mount whose options or
+        propagation differ from the table's is replaced and reported.
+        """
+        self.sweeps += 1
+        ns_id = self._ns_id
+        assert ns_id is not None
+        table = self.table
+        now = time.time()
+        try:
+            ids = listmount(ns_id)
+        except NamespaceGone:
+            return
+        for mid in ids:
+            old = table.get(mid)
+            if old is None:
+                continue  # new: its ATTACH is on the way
+            try:
+                sm = parse_statmount(statmount(mid, ns_id, _SWEEP_MASK))
+            except MountGone:
+                continue  # its DETACH is on the way
+            if sm.mnt_attr is None or sm.sb_flags is None or sm.mnt_propagation is None:
+                continue
+            options = options_of(sm.mnt_attr)
+            fs_options = fspath(fs_options_of(sm.sb_flags, sm.mnt_opts))
+            propagation = propagation_of(
+                sm.mnt_propagation,
+                sm.mnt_peer_group or 0,
+                sm.mnt_master or 0,
+                sm.propagate_from or 0,
+            )
+            if (options, fs_options, propagation) == (old.options, old.fs_options, old.propagation):
+                continue
+            new = msgspec.structs.replace(
+                old, options=options, fs_options=fs_options, propagation=propagation
+            )
+            action: Action = (
+                "remount"
+                if (options, fs_options) != (old.options, old.fs_options)
+                else "propagation"
+            )
+            table.add(new)
+            out.append(Event(seq=0, time=now, action=action, via="fanotify", mount=new, old=old))
+
+    def _drain(self, out: list[Change]) -> tuple[int, bool]:
+        """Read every queued event; (how many, whether the namespace lives on)."""
+        n = 0
+        while True:
+            try:
+                events = read_fanotify(self._fan, _READ_SIZE)
+            except KernelError as e:
+                raise AmountdError(f"reading fanotify events failed: {e}") from None
+            if not events:
+                return n, True
+            n += len(events)
+            if not self._apply(events, out):
+                return n, False
+
+    async def changes(self) -> AsyncGenerator[list[Change], None]:
+        watch = self._watch
+        assert watch is not None, "arm() first"
+        while True:
+            await watch.wait()
+            out: list[Change] = []
+            # Probe first, then drain: a change raises POLLPRI before its fanotify
+            # event is queued, so the events read next are the ones that explain it.
+            changed = self._table_changed()
+            n, alive = self._drain(out)
+            if alive and changed and not n:
+                await anyio.sleep(self.grace)  # let a slow event land before sweeping
+                n, alive = self._drain(out)
+                if alive and not n:
+                    self._sweep(out)
+            if not alive:
+                yield out
+                return
+            if self._pidfd >= 0 and fd_is_readable(self._pidfd):
+                self._pid_exited()
+            if out:
+                yield out
+
+    def close(self) -> None:
+        self._drop_pid()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if self._fan >= 0:
+            close_fd(self._fan)
+            self._fan = -1

@@ -1,0 +1,79 @@
+"""The in-process Python API: `watch()` and `snapshot()`, on whichever loop calls them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+
+from .filter import Filter, filter_event, filter_mounts
+from .model import End, Event, Frame, Mount, Ready, Resync, Snapshot
+from .ns import Namespace, resolve_ns
+from .sources import Source, open_source
+
+__all__ = ["frames_of", "snapshot", "watch"]
+
+
+async def frames_of(
+    src: Source, *, snapshot: bool = False, filter: Filter | None = None
+) -> AsyncGenerator[Frame, None]:
+    """Number a source's changes and frame them: [snapshot], ready, event/resync..., [end]."""
+    flt = filter if filter is not None and not filter.is_empty else None
+    seq = 0
+    if snapshot:
+        mounts = src.table.mounts()
+        yield Snapshot(
+            seq=seq, ns_id=src.ns_id, mounts=filter_mounts(flt, mounts) if flt else mounts
+        )
+    yield Ready(source=src.kind, ns_id=src.ns_id, reason=src.reason)
+    async with aclosing(src.changes()) as batches:
+        async for batch in batches:
+            for frame in batch:
+                if isinstance(frame, Event):
+                    seq += 1
+                    frame.seq = seq
+                    if flt is not None:
+                        shown = filter_event(flt, frame)
+                        if shown is not None:
+                            yield shown
+                        continue
+                elif isinstance(frame, Resync):
+                    seq += 1
+                    frame.seq = seq
+                yield frame
+                if isinstance(frame, End):
+                    return
+
+
+@asynccontextmanager
+async def watch(
+    *,
+    source: str = "auto",
+    ns: str | int | Namespace | None = None,
+    snapshot: bool = False,
+    filter: Filter | None = None,
+    unlimited_queue: bool = False,
+) -> AsyncIterator[AsyncIterator[Frame]]:
+    """Watch one mount namespace (ours, or `ns` = a PID or namespace file path).
+
+    Once this yields, the watch is armed: every later change is reported. The stream is
+    `snapshot` (if asked), `ready`, then `event`/`resync` frames, and `end` if the
+    namespace goes away.
+    """
+    target = ns if isinstance(ns, Namespace) else resolve_ns(ns)
+    async with (
+        open_source(source, target, unlimited_queue=unlimited_queue) as src,
+        aclosing(frames_of(src, snapshot=snapshot, filter=filter)) as frames,
+    ):
+        yield frames
+
+
+def snapshot(ns: str | int | Namespace | None = None, *, source: str = "auto") -> list[Mount]:
+    """The namespace's mounts now, parents before children.
+
+    With fanotify/statmount available (`auto`), records carry unique IDs; the
+    `mountinfo` source reads /proc/PID/mountinfo and leaves them null.
+    """
+    from .sources import read_table
+
+    target = ns if isinstance(ns, Namespace) else resolve_ns(ns)
+    return read_table(source, target).mounts()

@@ -1,0 +1,158 @@
+"""Shared harness: private mount namespaces, a host-table guard, both event loops.
+
+Every scenario that changes mounts does so inside a child started with
+`unshare -m --propagation private` and driven with `nsenter`; amountd watches it from
+outside with `--ns PID`. A test that needs root is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from amountd.model import Event, Frame
+
+ROOT = os.geteuid() == 0
+HAVE_TOOLS = all(shutil.which(t) for t in ("unshare", "nsenter", "mount", "umount"))
+needs_root = pytest.mark.skipif(
+    not (ROOT and HAVE_TOOLS),
+    reason="needs root and util-linux unshare/nsenter/mount to make private mount namespaces",
+)
+
+
+def _host_mounts() -> list[bytes]:
+    """The host's table without IDs (a private namespace's work must leave it alone)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return sorted(b" ".join(line.split(b" ")[4:]) for line in f.read().splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_table_unchanged() -> Iterator[None]:
+    if not ROOT:
+        yield
+        return
+    before = _host_mounts()
+    yield
+    after = _host_mounts()
+    gone = sorted(set(before) - set(after))
+    new = sorted(set(after) - set(before))
+    assert not gone and not new, f"the host's mount table changed: gone {gone}, new {new}"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+Arg = str | bytes | os.PathLike[str]
+
+
+class PrivateNs:
+    """A sleeping child in a private mount namespace, with a tmpfs scratch area `base`."""
+
+    def __init__(self, base: Path) -> None:
+        self.proc = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL,
+        )
+        self.pid = self.proc.pid
+        own = os.readlink("/proc/self/ns/mnt")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if os.readlink(f"/proc/{self.pid}/ns/mnt") != own:
+                    break
+            except FileNotFoundError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("unshare -m did not start a private namespace")
+            time.sleep(0.005)
+        self.base = base
+        self.run("mount", "-t", "tmpfs", "-o", "size=4m", "scratch", str(base))
+
+    def run(self, *argv: Arg, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        """One command inside the namespace (argv may hold raw bytes: exact paths)."""
+        cmd: list[Arg] = ["nsenter", "-t", str(self.pid), "-m", "--", *argv]
+        res = subprocess.run(cmd, capture_output=True, check=False)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{cmd!r} failed: {res.stderr.decode(errors='replace')}")
+        return res
+
+    def sh(self, script: str) -> subprocess.CompletedProcess[bytes]:
+        return self.run("sh", "-ec", script)
+
+    def path(self, *parts: str | bytes) -> bytes:
+        out = os.fsencode(self.base)
+        for p in parts:
+            out += b"/" + os.fsencode(p)
+        return out
+
+    def mkdir(self, *paths: bytes) -> None:
+        self.run("mkdir", "-p", *paths)
+
+    def mountinfo(self) -> bytes:
+        with open(f"/proc/{self.pid}/mountinfo", "rb") as f:
+            return f.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def private_ns(tmp_path: Path) -> Iterator[PrivateNs]:
+    if not (ROOT and HAVE_TOOLS):
+        pytest.skip("needs root and util-linux unshare/nsenter/mount for a private namespace")
+    base = tmp_path / "scratch"
+    base.mkdir()
+    ns = PrivateNs(base)
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+async def next_frames(frames: AsyncIterator[Frame], n: int, timeout: float = 10.0) -> list[Frame]:
+    """The next n frames, or a clear failure if they do not come (never a hang)."""
+    import anyio
+
+    out: list[Frame] = []
+    with anyio.move_on_after(timeout):
+        while len(out) < n:
+            out.append(await anext(frames))
+    assert len(out) == n, f"expected {n} frames within {timeout}s, got {out!r}"
+    return out
+
+
+async def next_events(frames: AsyncIterator[Frame], n: int, timeout: float = 10.0) -> list[Event]:
+    got = await next_frames(frames, n, timeout)
+    assert all(isinstance(f, Event) for f in got), got
+    return [f for f in got if isinstance(f, Event)]
+
+
+async def no_more_frames(frames: AsyncIterator[Frame], wait: float = 0.3) -> None:
+    """Nothing else arrives (a source must not report changes twice)."""
+    import anyio
+
+    extra: list[Frame] = []
+    with anyio.move_on_after(wait):
+        extra.append(await anext(frames))
+    assert not extra, f"unexpected extra frames: {extra!r}"
+
+
+def run_cli(
+    *args: str, user: int | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
+    """`python -m amountd ARGS`, optionally as another uid (setpriv), capturing output."""
+    cmd: Sequence[str] = [sys.executable, "-m", "amountd", *args]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
