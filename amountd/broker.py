@@ -1,12 +1,13 @@
 """Fan-out: one source, many subscribers, and the source never waits for any of them.
 
-`publish` is synchronous and does, per subscriber and frame, a deque append (and sets an
-Event only when that subscriber is parked waiting). Encoding happens once per format per
-frame, lazily, in the first reader that needs it; every subscriber with the same filter
-shares the same `_Item`, so they all send the very same bytes object. Work that depends on
-the table (snapshots) is done by the reader, at read time, so a subscriber that fell
-behind costs the publisher nothing: its queue is dropped, and when it reads again it is
-handed `resync` + a fresh `snapshot` as of the latest seq.
+`publish` is synchronous and does, per subscriber and frame, a length check and a deque
+append; per group of subscribers with one filter it sets one Event, and only when some of
+them are parked waiting (a reader that is busy costs no wake-up). Encoding happens once
+per format per frame, lazily, in the first reader that needs it; every subscriber with
+the same filter shares the same `_Item`, so they all send the very same bytes object.
+Work that depends on the table (snapshots) is done by the reader, at read time, so a
+subscriber that fell behind costs the publisher nothing: its queue is dropped, and when
+it reads again it is handed `resync` + a fresh `snapshot` as of the latest seq.
 
 Everything here runs in the event loop's thread: call `publish` from a task or callback
 of the loop that the subscriptions are read from (trio or asyncio, via anyio).
@@ -21,7 +22,6 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.lowlevel import checkpoint_if_cancelled
 
 from .filter import Filter, filter_event, filter_mounts
 from .model import (
@@ -100,13 +100,22 @@ def _filter_is_empty(f: Filter) -> bool:
 class _Group:
     """Subscribers with equal filters: the filter runs once per frame for all of them."""
 
-    __slots__ = ("empty", "filter", "key", "subs")
+    __slots__ = ("empty", "filter", "key", "subs", "tick")
 
     def __init__(self, key: Any, f: Filter) -> None:
         self.key = key
         self.filter = f
         self.empty = _filter_is_empty(f)
         self.subs: dict[Subscription, None] = {}
+        # What the group's idle readers wait on: one Event per publish, not one per
+        # subscriber; a reader woken for nothing just waits again.
+        self.tick: anyio.Event | None = None
+
+    def wake(self) -> None:
+        t = self.tick
+        if t is not None:
+            self.tick = None
+            t.set()
 
 
 class Subscription:
@@ -127,7 +136,6 @@ class Subscription:
         self._limit = broker.queue_limit
         self._queue: deque[_Item] = deque()
         self._replay: deque[_Item] | None = None
-        self._waiter: anyio.Event | None = None
         # When set, the next read drops the queue and starts over from a fresh snapshot
         # (and publish stops queueing for it): a lag, an expired `since`, or the first
         # read of a subscriber that asked for a snapshot.
@@ -154,8 +162,11 @@ class Subscription:
 
     async def next_chunk(self) -> bytes:
         """The next bytes to send. Raises anyio.EndOfStream after `end`,
-        anyio.ClosedResourceError after `close()`."""
-        await checkpoint_if_cancelled()
+        anyio.ClosedResourceError after `close()`.
+
+        When frames are ready it returns them at once, with no checkpoint: the caller's
+        next write is its checkpoint, and a wake-up per frame is what fan-out can't afford.
+        """
         while True:
             chunk = self._collect()
             if chunk is not None:
@@ -164,11 +175,11 @@ class Subscription:
                 raise anyio.ClosedResourceError
             if self._done:
                 raise anyio.EndOfStream
-            waiter = self._waiter = anyio.Event()
-            try:
-                await waiter.wait()
-            finally:
-                self._waiter = None
+            group = self._group
+            tick = group.tick
+            if tick is None:
+                tick = group.tick = anyio.Event()
+            await tick.wait()
 
     def _collect(self) -> bytes | None:
         """Everything this subscriber can be handed now, as one bytes (or None)."""
@@ -261,10 +272,7 @@ class Subscription:
         self.close()
 
     def _wake(self) -> None:
-        w = self._waiter
-        if w is not None:
-            self._waiter = None
-            w.set()
+        self._group.wake()
 
     def stats(self) -> SubscriberStats:
         return SubscriberStats(
@@ -362,12 +370,12 @@ class Broker:
                 q = sub._queue
                 if len(q) < sub._limit:
                     q.append(it)
-                    w = sub._waiter
-                    if w is not None:
-                        sub._waiter = None
-                        w.set()
                 else:
                     self._lag(sub)
+            tick = group.tick
+            if tick is not None:
+                group.tick = None
+                tick.set()
         return seq
 
     def _lag(self, sub: Subscription) -> None:

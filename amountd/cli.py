@@ -249,8 +249,6 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                     if args.count is not None and n >= args.count:
                         return
 
-    if not args.json:
-        out.header()
     run(lambda: run_until_signal(body, args.timeout), args.backend)
     return 0
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
 from .filter import Filter, filter_event, filter_mounts
 from .model import End, Event, Frame, Mount, Ready, Resync, Snapshot
 from .ns import Namespace, resolve_ns
 from .sources import Source, open_source
 
-__all__ = ["frames_of", "snapshot", "watch"]
+__all__ = ["FrameStream", "frames_of", "snapshot", "watch"]
 
 
 async def frames_of(
@@ -44,6 +47,39 @@ async def frames_of(
                     return
 
 
+class FrameStream:
+    """The frames of a watch: an async iterator that a timeout or cancellation can
+    interrupt without losing the watch (unlike a bare async generator's `anext`)."""
+
+    def __init__(self, receive: MemoryObjectReceiveStream[Frame]) -> None:
+        self._receive = receive
+        self.error: BaseException | None = None
+
+    def __aiter__(self) -> FrameStream:
+        return self
+
+    async def __anext__(self) -> Frame:
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            if self.error is not None:
+                raise self.error from None
+            raise StopAsyncIteration from None
+
+
+async def _pump(
+    frames: AsyncGenerator[Frame, None], send: MemoryObjectSendStream[Frame], out: FrameStream
+) -> None:
+    async with send, aclosing(frames):
+        try:
+            async for frame in frames:
+                await send.send(frame)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as e:  # handed to the consumer, raised at its next anext()
+            out.error = e
+
+
 @asynccontextmanager
 async def watch(
     *,
@@ -52,19 +88,27 @@ async def watch(
     snapshot: bool = False,
     filter: Filter | None = None,
     unlimited_queue: bool = False,
-) -> AsyncIterator[AsyncIterator[Frame]]:
+    buffer: int = 1024,
+) -> AsyncIterator[FrameStream]:
     """Watch one mount namespace (ours, or `ns` = a PID or namespace file path).
 
     Once this yields, the watch is armed: every later change is reported. The stream is
     `snapshot` (if asked), `ready`, then `event`/`resync` frames, and `end` if the
-    namespace goes away.
+    namespace goes away. A consumer that falls `buffer` frames behind stops the source
+    reading; the kernel's queue then bounds what waits, and an overflow comes back as
+    `resync` and the difference.
     """
     target = ns if isinstance(ns, Namespace) else resolve_ns(ns)
+    send, receive = anyio.create_memory_object_stream[Frame](buffer)
+    stream = FrameStream(receive)
     async with (
         open_source(source, target, unlimited_queue=unlimited_queue) as src,
-        aclosing(frames_of(src, snapshot=snapshot, filter=filter)) as frames,
+        receive,
+        anyio.create_task_group() as tg,
     ):
-        yield frames
+        tg.start_soon(_pump, frames_of(src, snapshot=snapshot, filter=filter), send, stream)
+        yield stream
+        tg.cancel_scope.cancel()
 
 
 def snapshot(ns: str | int | Namespace | None = None, *, source: str = "auto") -> list[Mount]:

@@ -97,6 +97,16 @@ class PrivateNs:
     def mkdir(self, *paths: bytes) -> None:
         self.run("mkdir", "-p", *paths)
 
+    def ops(self, op: str, where: bytes, n: int) -> None:
+        """Churn at syscall speed inside the namespace (tests/nsops.py)."""
+        self.run(sys.executable, str(Path(__file__).with_name("nsops.py")), op, where, str(n))
+
+    def popen_ops(self, op: str, where: bytes, n: int) -> subprocess.Popen[bytes]:
+        script = str(Path(__file__).with_name("nsops.py"))
+        return subprocess.Popen(
+            ["nsenter", "-t", str(self.pid), "-m", "--", sys.executable, script, op, where, str(n)]
+        )
+
     def mountinfo(self) -> bytes:
         with open(f"/proc/{self.pid}/mountinfo", "rb") as f:
             return f.read()

@@ -522,3 +522,18 @@ def replay_table(src: Source, seq: int) -> MountTable:
         if item.seq <= seq and isinstance(item.frame, Event):
             table = apply_frame(table, item.frame)
     return table
+
+
+async def test_since_replay_is_filtered() -> None:
+    src = Source()
+    src.mount(2, "/a/x", "ext4")
+    src.mount(3, "/b/y")
+    src.emit(ev("move", mnt(3, "/a/y"), src.table[3]))
+    src.umount(2)
+    sub = src.broker.subscribe(SubscribeRequest(since=0, filter=Filter(under=fspath("/a"))))
+    frames = read_now(sub)
+    assert [(e.seq, e.action, e.mount.key) for e in frames if isinstance(e, Event)] == [
+        (1, "mount", 2),
+        (3, "mount", 3),
+        (4, "umount", 2),
+    ]

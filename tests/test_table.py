@@ -361,7 +361,7 @@ def table_pairs(draw: st.DrawFn, unique: bool) -> tuple[MountTable, MountTable]:
     and (legacy IDs) keys reused at once by a different mount."""
     devs = iter(range(100, 10_000))
     fresh = iter(range(2**32, 2**33)) if unique else None
-    names = st.sampled_from(["a", "b", "c", "d", "e"])
+    names = st.sampled_from(["a", "b", "c", "ab", "a b"])
     legacy = st.integers(2, 40)
 
     def new_key(used: set[int], reusable: list[int]) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from ..errors import AmountdError
+
 __all__ = [
     "KernelError",
     "MalformedBuffer",
@@ -27,7 +29,7 @@ def _release() -> str:
         return "unknown"
 
 
-class KernelError(OSError):
+class KernelError(AmountdError, OSError):
     """A syscall failed; `.errno` holds the kernel's errno."""
 
     def __init__(self, err: int, message: str) -> None:
