@@ -45,16 +45,16 @@ _LAZY = {
     "Filter": "filter",
     "MountTable": "table",
     "apply_frame": "table",
-    "snapshot": "watch",
-    "watch": "watch",
+    "snapshot": "api",
+    "watch": "api",
 }
 
 if TYPE_CHECKING:
+    from .api import snapshot, watch
     from .errors import AmountdError
     from .filter import Filter
     from .model import End, Error, Event, Frame, FsPath, Mount, Ready, Resync, Snapshot
     from .table import MountTable, apply_frame
-    from .watch import snapshot, watch
 
 
 def __getattr__(name: str) -> Any:

@@ -186,10 +186,10 @@ class Output:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from .api import snapshot
     from .filter import filter_mounts
     from .model import Snapshot, encode_json
     from .render import LIST_HEADER, mount_line
-    from .watch import snapshot
 
     flt = _filter(args)
     mounts = snapshot(args.ns, source=args.source)
@@ -227,8 +227,8 @@ async def run_until_signal(body: Callable[[], Any], timeout: float | None) -> No
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
+    from .api import watch
     from .model import Event
-    from .watch import watch
 
     flt = _filter(args)
     out = Output(args.json)

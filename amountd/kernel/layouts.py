@@ -122,9 +122,7 @@ def parse_fanotify_events(buf: _Buf) -> list[FanEvent]:
     unpack = _MNT_EVENT.unpack_from
     while off < n:
         if n - off >= _MNT_EVENT_LEN:
-            (elen, vers, _r, mlen, mask, _fd, pid, itype, _p, ilen, _p2, mnt_id) = unpack(
-                buf, off
-            )
+            (elen, vers, _r, mlen, mask, _fd, pid, itype, _p, ilen, _p2, mnt_id) = unpack(buf, off)
             if (
                 elen == _MNT_EVENT_LEN
                 and mlen == _META_LEN
@@ -217,62 +215,61 @@ def parse_statmount(buf: _Buf) -> StatMount:
     if not isinstance(buf, bytes):
         buf = bytes(buf)
     n = len(buf)
-    if n < _SM.size:
-        raise MalformedBuffer(f"statmount: {n} bytes, shorter than the fixed part")
+    if n < c.STATMOUNT_FIXED_SIZE:
+        raise MalformedBuffer(
+            f"statmount: {n} bytes, shorter than the {c.STATMOUNT_FIXED_SIZE}-byte fixed part"
+        )
     (
         size, o_opts, mask, major, minor, magic, sb_flags, o_type, mnt_id, parent_id,
         id_old, parent_old, attr, prop, peer, master, prop_from, o_root, o_point, ns_id,
         o_subtype, o_source, opt_num, o_opt_array, opt_sec_num, o_sec_array, supported,
         uid_num, o_uidmap, gid_num, o_gidmap,
     ) = _SM.unpack_from(buf)  # fmt: skip
-    if size > n or (size < c.STATMOUNT_FIXED_SIZE and mask & ~_FIXED_ONLY):
-        raise MalformedBuffer(f"statmount: size field {size} with a {n}-byte buffer")
-    size = min(size, n)
-    sm: dict[str, object] = {}
-    if mask & c.STATMOUNT_SB_BASIC:
-        sm.update(sb_dev_major=major, sb_dev_minor=minor, sb_magic=magic, sb_flags=sb_flags)
-    if mask & c.STATMOUNT_MNT_BASIC:
-        sm.update(
-            mnt_id=mnt_id, mnt_parent_id=parent_id, mnt_id_old=id_old,
-            mnt_parent_id_old=parent_old, mnt_attr=attr, mnt_propagation=prop,
-            mnt_peer_group=peer, mnt_master=master,
-        )  # fmt: skip
-    if mask & c.STATMOUNT_PROPAGATE_FROM:
-        sm["propagate_from"] = prop_from
-    if mask & c.STATMOUNT_MNT_NS_ID:
-        sm["mnt_ns_id"] = ns_id
-    if mask & c.STATMOUNT_SUPPORTED_MASK:
-        sm["supported_mask"] = supported
-    if mask & c.STATMOUNT_FS_TYPE:
-        sm["fs_type"] = _string(buf, size, o_type, "fs_type")
-    if mask & c.STATMOUNT_MNT_ROOT:
-        sm["mnt_root"] = _string(buf, size, o_root, "mnt_root")
-    if mask & c.STATMOUNT_MNT_POINT:
-        sm["mnt_point"] = _string(buf, size, o_point, "mnt_point")
-    if mask & c.STATMOUNT_MNT_OPTS:
-        sm["mnt_opts"] = _string(buf, size, o_opts, "mnt_opts")
-    if mask & c.STATMOUNT_FS_SUBTYPE:
-        sm["fs_subtype"] = _string(buf, size, o_subtype, "fs_subtype")
-    if mask & c.STATMOUNT_SB_SOURCE:
-        sm["sb_source"] = _string(buf, size, o_source, "sb_source")
-    if mask & c.STATMOUNT_OPT_ARRAY:
-        sm["opt_array"] = _strings(buf, size, o_opt_array, opt_num, "opt_array")
-    if mask & c.STATMOUNT_OPT_SEC_ARRAY:
-        sm["opt_sec_array"] = _strings(buf, size, o_sec_array, opt_sec_num, "opt_sec_array")
-    if mask & c.STATMOUNT_MNT_UIDMAP:
-        sm["mnt_uidmap"] = _strings(buf, size, o_uidmap, uid_num, "mnt_uidmap")
-    if mask & c.STATMOUNT_MNT_GIDMAP:
-        sm["mnt_gidmap"] = _strings(buf, size, o_gidmap, gid_num, "mnt_gidmap")
-    return StatMount(size=size, mask=mask, **sm)  # type: ignore[arg-type]
+    if not c.STATMOUNT_FIXED_SIZE <= size <= n:
+        raise MalformedBuffer(
+            f"statmount: size field {size} with a {n}-byte buffer "
+            f"(the fixed part alone is {c.STATMOUNT_FIXED_SIZE})"
+        )
+    sb = mask & c.STATMOUNT_SB_BASIC
+    mb = mask & c.STATMOUNT_MNT_BASIC
+    return StatMount(
+        size,
+        mask,
+        major if sb else None,
+        minor if sb else None,
+        magic if sb else None,
+        sb_flags if sb else None,
+        mnt_id if mb else None,
+        parent_id if mb else None,
+        id_old if mb else None,
+        parent_old if mb else None,
+        attr if mb else None,
+        prop if mb else None,
+        peer if mb else None,
+        master if mb else None,
+        prop_from if mask & c.STATMOUNT_PROPAGATE_FROM else None,
+        ns_id if mask & c.STATMOUNT_MNT_NS_ID else None,
+        supported if mask & c.STATMOUNT_SUPPORTED_MASK else None,
+        _string(buf, size, o_type, "fs_type") if mask & c.STATMOUNT_FS_TYPE else None,
+        _string(buf, size, o_root, "mnt_root") if mask & c.STATMOUNT_MNT_ROOT else None,
+        _string(buf, size, o_point, "mnt_point") if mask & c.STATMOUNT_MNT_POINT else None,
+        _string(buf, size, o_opts, "mnt_opts") if mask & c.STATMOUNT_MNT_OPTS else None,
+        _string(buf, size, o_subtype, "fs_subtype") if mask & c.STATMOUNT_FS_SUBTYPE else None,
+        _string(buf, size, o_source, "sb_source") if mask & c.STATMOUNT_SB_SOURCE else None,
+        _strings(buf, size, o_opt_array, opt_num, "opt_array")
+        if mask & c.STATMOUNT_OPT_ARRAY
+        else None,
+        _strings(buf, size, o_sec_array, opt_sec_num, "opt_sec_array")
+        if mask & c.STATMOUNT_OPT_SEC_ARRAY
+        else None,
+        _strings(buf, size, o_uidmap, uid_num, "mnt_uidmap")
+        if mask & c.STATMOUNT_MNT_UIDMAP
+        else None,
+        _strings(buf, size, o_gidmap, gid_num, "mnt_gidmap")
+        if mask & c.STATMOUNT_MNT_GIDMAP
+        else None,
+    )
 
-
-_FIXED_ONLY = (
-    c.STATMOUNT_SB_BASIC
-    | c.STATMOUNT_MNT_BASIC
-    | c.STATMOUNT_PROPAGATE_FROM
-    | c.STATMOUNT_MNT_NS_ID
-    | c.STATMOUNT_SUPPORTED_MASK
-)
 
 # ------------------------------------------------------------------- StatMount -> Mount
 
@@ -373,27 +370,26 @@ def _path(raw: bytes | None) -> FsPath | None:
     return p
 
 
-def statmount_to_mount(sm: StatMount) -> Mount:
+def statmount_to_mount(sm: StatMount, requested: int = c.STATMOUNT_MOUNT) -> Mount:
     """The Mount that /proc/PID/mountinfo shows for the same mount (raw bytes, unescaped).
 
-    A field whose statmount part is missing from `sm.mask` is None, except `source`:
-    the kernel leaves an empty sb_source out of the mask, and mountinfo shows `none`
-    for a mount without a source, so a SB_BASIC answer without it gets `none`.
+    The kernel leaves empty strings out of the answer's mask (a mount without a source,
+    a filesystem without options), so `requested` (the mask statmount was asked for)
+    tells "empty" from "not asked": a field whose parts were not asked for is None.
     """
+    got = sm.mask | requested
     fstype: str | None = None
     if sm.fs_type is not None:
         fstype = sm.fs_type.decode("utf-8", "surrogateescape")
         if sm.fs_subtype:
             fstype += "." + sm.fs_subtype.decode("utf-8", "surrogateescape")
-    source: FsPath | None
+    source: FsPath | None = None
     if sm.sb_source is not None:
         source = _path(sm.sb_source)
-    elif sm.fs_type is not None:
-        source = _NONE
-    else:
-        source = None
+    elif got & c.STATMOUNT_SB_SOURCE:
+        source = _NONE  # mountinfo's word for a mount without a source
     fs_options: FsPath | None = None
-    if sm.sb_flags is not None:
+    if sm.sb_flags is not None and got & c.STATMOUNT_MNT_OPTS:
         fs_options = _path(fs_options_of(sm.sb_flags, sm.mnt_opts))
     propagation: str | None = None
     if sm.mnt_propagation is not None:

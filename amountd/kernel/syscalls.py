@@ -66,6 +66,8 @@ _statx.restype = ctypes.c_int
 _SYS_statmount = ctypes.c_long(c.SYS_statmount)
 _SYS_listmount = ctypes.c_long(c.SYS_listmount)
 _ZERO = ctypes.c_uint(0)
+_CLONE_FS = 0x200
+_CLONE_NEWNS = 0x20000
 
 _LISTMOUNT_SOME = "listmount()/statmount()"
 _LISTMOUNT_SINCE = "6.8"
@@ -194,6 +196,8 @@ def listmount(ns_id: int = 0, *, root: int = c.LSMT_ROOT) -> list[int]:
             err = ctypes.get_errno()
             if err == errno.ENOSYS:
                 raise Unsupported(err, _LISTMOUNT_SOME, _LISTMOUNT_SINCE)
+            if err == errno.ENOENT and root != c.LSMT_ROOT:
+                raise MountGone(root)
             if err == errno.ENOENT and ns_id:
                 raise NamespaceGone(err, ns_id)
             raise from_errno(err, f"listmount(ns {ns_id or 'own'})")
@@ -229,14 +233,29 @@ def statx_mnt_id(path: str | bytes, dirfd: int = c.AT_FDCWD) -> int:
     return mnt_id
 
 
+_NS_GET_NSTYPE = 0xB703
+
+
+def _nsfs_error(fd: int, e: OSError, ioctl: str, since: str) -> KernelError:
+    """ENOTTY means "not a namespace file" or "kernel too old": ask which (error path only)."""
+    err = e.errno or 0
+    if err not in (errno.ENOTTY, errno.EINVAL):
+        return from_errno(err, f"ioctl({ioctl})")
+    try:
+        kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+    except OSError:
+        kind = -1
+    if kind != _CLONE_NEWNS:
+        return KernelError(err, f"ioctl({ioctl}): fd {fd} is not a mount namespace file")
+    return Unsupported(err, f"{ioctl} on mount namespace files", since)
+
+
 def mntns_id(fd: int) -> int:
     """The 64-bit ID of the mount namespace an nsfs fd refers to (NS_GET_MNTNS_ID)."""
     try:
         out = fcntl.ioctl(fd, c.NS_GET_MNTNS_ID, bytes(8))
     except OSError as e:
-        if e.errno in (errno.ENOTTY, errno.EINVAL):
-            raise Unsupported(e.errno, "NS_GET_MNTNS_ID on mount namespace files", "6.8") from None
-        raise from_errno(e.errno or 0, "ioctl(NS_GET_MNTNS_ID)") from None
+        raise _nsfs_error(fd, e, "NS_GET_MNTNS_ID", "6.8") from None
     ns_id: int = _U64.unpack(out)[0]
     return ns_id
 
@@ -249,15 +268,9 @@ def mntns_info(fd: int) -> tuple[int, int]:
     try:
         out = fcntl.ioctl(fd, c.NS_MNT_GET_INFO, _MNT_NS_INFO.pack(c.MNT_NS_INFO_SIZE_VER0, 0, 0))
     except OSError as e:
-        if e.errno in (errno.ENOTTY, errno.EINVAL):
-            raise Unsupported(e.errno, "NS_MNT_GET_INFO on mount namespace files", "6.12") from None
-        raise from_errno(e.errno or 0, "ioctl(NS_MNT_GET_INFO)") from None
+        raise _nsfs_error(fd, e, "NS_MNT_GET_INFO", "6.12") from None
     _size, nr_mounts, ns_id = _MNT_NS_INFO.unpack(out)
     return nr_mounts, ns_id
-
-
-_CLONE_FS = 0x200
-_CLONE_NEWNS = 0x20000
 
 
 def enter_mntns(fd: int) -> None:

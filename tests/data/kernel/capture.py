@@ -73,8 +73,8 @@ def capture_statmount(base: str) -> list[dict[str, Any]]:
     run("mount", "-t", "tmpfs", "-o", "size=1m,mode=700,nr_inodes=1000", "tsrc", f"{d}/tmpfs")
     cases.append(sm_case("tmpfs_size", f"{d}/tmpfs"))
     cases.append(sm_case("tmpfs_size_all_fields", f"{d}/tmpfs", c.STATMOUNT_ALL))
-    cases.append(sm_case("tmpfs_no_strings", f"{d}/tmpfs", c.STATMOUNT_SB_BASIC
-                         | c.STATMOUNT_MNT_BASIC | c.STATMOUNT_MNT_NS_ID))  # fmt: skip
+    no_strings = c.STATMOUNT_SB_BASIC | c.STATMOUNT_MNT_BASIC | c.STATMOUNT_MNT_NS_ID
+    cases.append(sm_case("tmpfs_no_strings", f"{d}/tmpfs", no_strings))
 
     os.makedirs(f"{d}/tmpfs/sub")
     os.mkdir(f"{d}/bind")
@@ -376,7 +376,7 @@ def capture_overflow(fan: int, d: str) -> dict[str, Any]:
     events: list[tuple[int, int, int | None]] = [
         (c.FAN_MNT_ATTACH, me, i) for i in ids[16384 - kept : 16384]
     ]
-    events.append((c.FAN_Q_OVERFLOW, -1, None))
+    events.append((c.FAN_Q_OVERFLOW, 0, None))  # the overflow record has pid 0
     return {"name": "overflow_tail", "hex": last.hex(), "events": [list(e) for e in events]}
 
 

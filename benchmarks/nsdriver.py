@@ -1,0 +1,112 @@
+"""Mount churn at syscall speed, run INSIDE a benchmark's private namespace (via nsenter).
+
+    python nsdriver.py populate DIR N     N bind mounts of DIR/src at DIR/m/0..N-1
+    python nsdriver.py pairs DIR K GAP    K tmpfs mount+umount pairs on DIR/p, GAP seconds
+                                          between changes (0: as fast as the kernel goes)
+    python nsdriver.py burst DIR N        N bind mounts of DIR/src at DIR/b/0..N-1, unpaced
+
+Each op prints one JSON line: {"start": T0, "end": T1, "changes": C}, CLOCK_MONOTONIC
+seconds around its mount syscalls (one clock for every namespace, so the benchmark can
+line these up with its own readings). Plain ctypes and the standard library only: it
+runs with whichever Python the benchmark runs, and never on the host's table.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import time
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+MS_BIND = 4096
+
+
+def _check(r: int, what: str) -> None:
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def mount(src: bytes, target: bytes, fstype: bytes | None, flags: int = 0) -> None:
+    _check(libc.mount(src, target, fstype, flags, None), f"mount {target!r}")
+
+
+def umount(target: bytes) -> None:
+    _check(libc.umount2(target, 0), f"umount {target!r}")
+
+
+def _dirs(base: bytes, n: int) -> list[bytes]:
+    os.makedirs(base, exist_ok=True)
+    out = [base + b"/%d" % i for i in range(n)]
+    for p in out:
+        os.makedirs(p, exist_ok=True)
+    return out
+
+
+def binds(d: bytes, sub: bytes, n: int) -> tuple[float, float]:
+    src = d + b"/src"
+    os.makedirs(src, exist_ok=True)
+    targets = _dirs(d + b"/" + sub, n)
+    t0 = time.monotonic()
+    for p in targets:
+        mount(src, p, None, MS_BIND)
+    return t0, time.monotonic()
+
+
+def pairs(d: bytes, k: int, gap: float) -> tuple[float, float]:
+    p = d + b"/p"
+    os.makedirs(p, exist_ok=True)
+    t0 = time.monotonic()
+    if gap <= 0:
+        for _ in range(k):
+            mount(b"pair", p, b"tmpfs")
+            umount(p)
+        return t0, time.monotonic()
+    due = t0
+    for _ in range(k):
+        mount(b"pair", p, b"tmpfs")
+        due += gap
+        _sleep_until(due)
+        umount(p)
+        due += gap
+        _sleep_until(due)
+    return t0, time.monotonic()
+
+
+def _sleep_until(t: float) -> None:
+    left = t - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+
+
+def main() -> None:
+    op, d = sys.argv[1], os.fsencode(sys.argv[2])
+    if op == "populate":
+        n = int(sys.argv[3])
+        t0, t1 = binds(d, b"m", n)
+        changes = n
+    elif op == "burst":
+        n = int(sys.argv[3])
+        t0, t1 = binds(d, b"b", n)
+        changes = n
+    elif op == "pairs":
+        k, gap = int(sys.argv[3]), float(sys.argv[4])
+        t0, t1 = pairs(d, k, gap)
+        changes = 2 * k
+    else:
+        raise SystemExit(f"unknown op {op}")
+    print(json.dumps({"start": t0, "end": t1, "changes": changes}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
