@@ -5,16 +5,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
 
 import msgspec
 
 from .errors import NamespaceError
 
-__all__ = ["NS_GET_MNTNS_ID", "Namespace", "find_pid", "mntns_id", "resolve_ns"]
+__all__ = ["Namespace", "find_pid", "mntns_id", "resolve_ns"]
 
 NS_GET_NSTYPE = 0xB703
-NS_GET_MNTNS_ID = 0x8008B705
 CLONE_NEWNS = 0x00020000
 
 
@@ -34,11 +32,13 @@ class Namespace(msgspec.Struct, frozen=True):
 
 def mntns_id(fd: int) -> int | None:
     """The 64-bit namespace ID (Linux 6.8+), or None on an older kernel."""
+    from .kernel.errors import KernelError
+    from .kernel.syscalls import mntns_id as ns_id_of
+
     try:
-        buf = fcntl.ioctl(fd, NS_GET_MNTNS_ID, b"\0" * 8)
-    except OSError:
+        return ns_id_of(fd)
+    except KernelError:
         return None
-    return int(struct.unpack("Q", buf)[0])
 
 
 def _open_ns(path: str, what: str) -> int:

@@ -221,3 +221,29 @@ async def test_filters_under_and_actions(private_ns: PrivateNs, source: str) -> 
             fspath(inside + b"/m"),
         )
         await no_more_frames(frames)
+
+
+async def test_move_of_a_tree(private_ns: PrivateNs, source: str) -> None:
+    """The kernel reports only the moved mount; its subtree moves too, and is reported."""
+    ns = private_ns
+    a, c = ns.path("a"), ns.path("c")
+    ns.mkdir(a, c)
+    ns.run("mount", "-t", "tmpfs", "t0", a)
+    ns.mkdir(a + b"/x")
+    ns.run("mount", "-t", "tmpfs", "t1", a + b"/x")
+    ns.mkdir(a + b"/x/y")
+    ns.run("mount", "-t", "tmpfs", "t2", a + b"/x/y")
+    async with watch(source=source, ns=ns.pid) as frames:
+        await _ready(frames, source)
+        ns.run("mount", "--move", a, c)
+        evs = await next_events(frames, 3)
+        moves = sorted(
+            (e.action, e.old.target if e.old else None, e.mount.target, e.mount.source)
+            for e in evs
+        )
+        assert moves == [
+            ("move", fspath(a), fspath(c), "t0"),
+            ("move", fspath(a + b"/x"), fspath(c + b"/x"), "t1"),
+            ("move", fspath(a + b"/x/y"), fspath(c + b"/x/y"), "t2"),
+        ]
+        await no_more_frames(frames)

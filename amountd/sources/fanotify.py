@@ -24,7 +24,7 @@ import msgspec
 
 from ..errors import AmountdError, NamespaceError
 from ..kernel import consts as c
-from ..kernel.errors import KernelError, MountGone, NamespaceGone
+from ..kernel.errors import KernelError, MountGone, NamespaceGone, PermissionDenied
 from ..kernel.layouts import (
     FanEvent,
     fs_options_of,
@@ -83,6 +83,16 @@ def read_kernel_table(ns: Namespace) -> MountTable:
         raise NamespaceError(f"the mount namespace of {ns.label} is gone") from None
 
 
+def in_user_namespace() -> bool:
+    """Whether we run in a user namespace other than the initial one (identity map)."""
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            lines = f.read().split()
+    except OSError:
+        return False
+    return lines != [b"0", b"0", b"4294967295"]
+
+
 def _comm(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/comm", "rb") as f:
@@ -113,9 +123,19 @@ class FanotifySource(Source):
 
     async def arm(self) -> None:
         flags = c.FAN_REPORT_MNT | c.FAN_CLOEXEC | c.FAN_NONBLOCK
+        notes: list[str] = []
         if self.unlimited_queue:
-            flags |= c.FAN_UNLIMITED_QUEUE
-        self._fan = fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._fan = fanotify_init(flags | c.FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_CLOEXEC)
+            except PermissionDenied:
+                # Only real root may let a queue pin kernel memory without bound (a user
+                # namespace's root may not): keep the bounded queue, recover by resync.
+                notes.append(
+                    "--unlimited-queue needs real root (not root in a user namespace): "
+                    "using the bounded queue; an overflow is recovered by resync"
+                )
+        if self._fan < 0:
+            self._fan = fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
         try:
             nsfd = os.open(self.ns.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -135,11 +155,17 @@ class FanotifySource(Source):
         self._watch.add_readable(self._fan)
         if self.ns.pid is not None:
             self._follow(self.ns.pid)
+        if in_user_namespace():
+            notes.append(
+                "pid and comm are not reported: fanotify names the process behind a change "
+                "only to real root, not to root in a user namespace"
+            )
         if self._pid is None:
-            self.reason = (
+            notes.append(
                 "remounts and propagation changes are not reported: no process is known in "
                 "the namespace to poll its mountinfo (give --ns a PID)"
             )
+        self.reason = "; ".join(notes) or None
         # Marked before listing: a mount attached from here on is either listed or
         # reported (or both: an ATTACH for a listed mount is skipped).
         self.table = _kernel_table(self._ns_id)
@@ -236,6 +262,8 @@ class FanotifySource(Source):
                         comm=comm,
                     )
                 )
+                if old is not None and new.target != old.target:
+                    self._refresh_below(mid, now, pid, comm, out)
             elif attach:
                 if mid in table:
                     continue  # listed at arm or resync time already
@@ -273,6 +301,45 @@ class FanotifySource(Source):
                     out.append(End(reason=f"mount namespace {ns_id} was freed"))
                     return False
         return True
+
+    def _refresh_below(
+        self, top: int, now: float, pid: int | None, comm: str | None, out: list[Change]
+    ) -> None:
+        """A moved mount takes its subtree along, but the kernel reports only the mount
+        itself (and pivot_root only the two roots): re-describe the descendants and
+        report each one whose place changed as a move, as the mountinfo diff would."""
+        table = self.table
+        ns_id = self._ns_id
+        assert ns_id is not None
+        kids: dict[int, list[int]] = {}
+        for key, m in table.items():
+            if m.parent_id is not None and m.parent_id != key:
+                kids.setdefault(m.parent_id, []).append(key)
+        todo = list(kids.get(top, ()))
+        seen = {top}
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            todo.extend(kids.get(key, ()))
+            old = table.get(key)
+            new = _describe(key, ns_id)
+            if old is None or new is None or new == old:
+                continue  # gone: its DETACH follows
+            table.add(new)
+            out.append(
+                Event(
+                    seq=0,
+                    time=now,
+                    action="move",
+                    via="fanotify",
+                    mount=new,
+                    old=old,
+                    pid=pid,
+                    comm=comm,
+                )
+            )
 
     def _resync(self, reason: str, out: list[Change]) -> None:
         """Rebuild from listmount + statmount; the difference goes out `via: resync`."""
