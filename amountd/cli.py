@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", parents=[common], help="print the mount table once")
     p.add_argument("--json", action="store_true", help="one snapshot frame as JSON")
     _add_ns(p)
+    p.add_argument(
+        "--all-namespaces",
+        action="store_true",
+        help="every mount namespace on the host (JSON: one snapshot frame each)",
+    )
     _add_filters(p, actions=False)
     _add_source(p)
     p.set_defaults(func=_cmd_list)
@@ -186,21 +191,36 @@ class Output:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .api import snapshot
     from .filter import filter_mounts
     from .model import Snapshot, encode_json
+    from .ns import all_namespaces, resolve_ns
     from .render import LIST_HEADER, mount_line
+    from .sources import read_table
 
+    if args.all_namespaces and args.ns:
+        raise UsageError("--ns and --all-namespaces exclude each other")
     flt = _filter(args)
-    mounts = snapshot(args.ns, source=args.source)
-    if not flt.is_empty:
-        mounts = filter_mounts(flt, mounts)
+    spaces = all_namespaces() if args.all_namespaces else [resolve_ns(args.ns)]
     out = sys.stdout.buffer
-    if args.json:
-        ns_id = next((m.ns_id for m in mounts if m.ns_id is not None), None)
-        out.write(encode_json(Snapshot(seq=0, ns_id=ns_id, mounts=mounts)) + b"\n")
-    else:
-        lines = [LIST_HEADER] + [mount_line(m) for m in mounts]
+    lines: list[str] = []
+    for ns in spaces:
+        try:
+            mounts = read_table(args.source, ns).mounts()
+        except AmountdError as e:
+            if not args.all_namespaces:
+                raise
+            print(f"amountd: skipping {ns.label}: {e}", file=sys.stderr)
+            continue  # it ended while we listed, or we may not read it
+        if not flt.is_empty:
+            mounts = filter_mounts(flt, mounts)
+        if args.json:
+            out.write(encode_json(Snapshot(seq=0, ns_id=ns.ns_id, mounts=mounts)) + b"\n")
+            continue
+        if args.all_namespaces:
+            lines.append(f"# mount namespace {ns.ns_id} ({ns.label}): {len(mounts)} mounts")
+        lines.append(LIST_HEADER)
+        lines.extend(mount_line(m) for m in mounts)
+    if lines:
         out.write("\n".join(lines).encode("utf-8", "surrogateescape") + b"\n")
     out.flush()
     return 0

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
+import struct
+from collections.abc import Iterator
 
 import msgspec
 
 from .errors import NamespaceError
 
-__all__ = ["Namespace", "find_pid", "mntns_id", "resolve_ns"]
+__all__ = [
+    "Namespace",
+    "all_namespaces",
+    "find_pid",
+    "mntns_id",
+    "open_ns",
+    "own_ns_id",
+    "resolve_ns",
+]
 
 NS_GET_NSTYPE = 0xB703
 CLONE_NEWNS = 0x00020000
 
 
 class Namespace(msgspec.Struct, frozen=True):
-    """A mount namespace, named by the file that opens it and, where known, a process in it."""
+    """A mount namespace: the file that opens it (None for one that no process is in,
+    found by the kernel's walk), and, where known, a process in it."""
 
-    path: str
+    path: str | None
     pid: int | None
     ns_id: int | None
     inode: int
@@ -27,7 +39,9 @@ class Namespace(msgspec.Struct, frozen=True):
 
     @property
     def label(self) -> str:
-        return f"pid {self.pid}" if self.pid is not None else self.path
+        if self.pid is not None:
+            return f"pid {self.pid}"
+        return self.path or f"mount namespace {self.ns_id}"
 
 
 def mntns_id(fd: int) -> int | None:
@@ -39,6 +53,16 @@ def mntns_id(fd: int) -> int | None:
         return ns_id_of(fd)
     except KernelError:
         return None
+
+
+@functools.cache
+def own_ns_id() -> int | None:
+    """Our own mount namespace's ID (a process does not change it under amountd)."""
+    fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return mntns_id(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_ns(path: str, what: str) -> int:
@@ -106,3 +130,87 @@ def resolve_ns(spec: str | int | None) -> Namespace:
     if pid is None:
         pid = _pid_of(st.st_ino, st.st_dev)
     return Namespace(path=path, pid=pid, ns_id=ns_id, inode=st.st_ino, dev=st.st_dev)
+
+
+_INFO = struct.Struct("<IIQ")
+
+
+def _walk(start: int, op: int) -> Iterator[tuple[int, int]]:
+    """(fd, ns_id) of each namespace after (or before) `start`, in ID order; the caller
+    must not keep the fds: an open namespace fd keeps the namespace alive."""
+    cur = os.dup(start)
+    try:
+        while True:
+            buf = bytearray(_INFO.pack(_INFO.size, 0, 0))
+            try:
+                nxt = fcntl.ioctl(cur, op, buf)
+            except OSError:
+                return
+            os.close(cur)
+            cur = nxt
+            yield cur, _INFO.unpack(buf)[2]
+    finally:
+        os.close(cur)
+
+
+def _pids_by_inode() -> dict[tuple[int, int], int]:
+    out: dict[tuple[int, int], int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                st = os.stat(f"/proc/{name}/ns/mnt")
+            except OSError:
+                continue
+            out.setdefault((st.st_dev, st.st_ino), int(name))
+    return out
+
+
+def all_namespaces() -> list[Namespace]:
+    """Every mount namespace we may see: the kernel's walk (NS_MNT_GET_NEXT/PREV, Linux
+    6.12+, which finds namespaces no process is in), else one per process in /proc."""
+    from .kernel import consts as c
+
+    pids = _pids_by_inode()
+    found: dict[int, Namespace] = {}
+    own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(own)
+        own_id = mntns_id(own)
+        if own_id is not None:
+            found[st.st_ino] = _from_pid(pids.get((st.st_dev, st.st_ino)), st, own_id)
+            for op in (c.NS_MNT_GET_PREV, c.NS_MNT_GET_NEXT):
+                for fd, ns_id in _walk(own, op):
+                    fst = os.fstat(fd)
+                    found[fst.st_ino] = _from_pid(pids.get((fst.st_dev, fst.st_ino)), fst, ns_id)
+    finally:
+        os.close(own)
+    if len(found) <= 1:  # no walk here (old kernel, or not allowed): processes only
+        for pid in sorted(pids.values()):
+            try:
+                ns = resolve_ns(pid)
+            except NamespaceError:
+                continue
+            found.setdefault(ns.inode, ns)
+    return sorted(found.values(), key=lambda n: (n.ns_id or 0, n.inode))
+
+
+def _from_pid(pid: int | None, st: os.stat_result, ns_id: int) -> Namespace:
+    path = f"/proc/{pid}/ns/mnt" if pid is not None else None
+    return Namespace(path=path, pid=pid, ns_id=ns_id, inode=st.st_ino, dev=st.st_dev)
+
+
+def open_ns(ns: Namespace) -> int:
+    """An fd on the namespace, for marking; close it at once after (it keeps ns alive)."""
+    if ns.path is not None:
+        return _open_ns(ns.path, ns.label)
+    from .kernel import consts as c
+
+    own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for op in (c.NS_MNT_GET_PREV, c.NS_MNT_GET_NEXT):
+            for fd, ns_id in _walk(own, op):
+                if ns_id == ns.ns_id:
+                    return os.dup(fd)
+    finally:
+        os.close(own)
+    raise NamespaceError(f"{ns.label} is gone")

@@ -7,6 +7,7 @@ import re
 import select
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -240,3 +241,47 @@ def test_watch_timeout_and_namespace_end(private_ns: PrivateNs) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_list_from_outside_equals_mountinfo_with_propagate_from(private_ns: PrivateNs) -> None:
+    """statmount answers propagate_from=0 when asked from outside the namespace: amountd
+    asks from a thread inside it, so `master:N propagate_from:M` comes out as mountinfo's."""
+    ns = private_ns
+    a, b, c = ns.path("a"), ns.path("b"), ns.path("c")
+    ns.mkdir(a, b, c)
+    ns.run("mount", "-t", "tmpfs", "pfa", a)
+    ns.run("mount", "--make-shared", a)
+    ns.run("mount", "--bind", a, b)
+    ns.run("mount", "--make-slave", b)
+    ns.run("mount", "--make-shared", b)
+    inner = subprocess.Popen(
+        ["nsenter", "-t", str(ns.pid), "-m", "--",
+         "unshare", "-m", "--propagation", "unchanged", "sleep", "infinity"]
+    )
+    try:
+        # Not ours (nsenter starts out here) and not P's: the nested namespace.
+        outer = {os.readlink("/proc/self/ns/mnt"), os.readlink(f"/proc/{ns.pid}/ns/mnt")}
+        for _ in range(500):
+            if os.readlink(f"/proc/{inner.pid}/ns/mnt") not in outer:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the nested namespace did not appear")
+        for cmd in (["mount", "--bind", b, c], ["mount", "--make-slave", c], ["umount", b]):
+            subprocess.run(["nsenter", "-t", str(inner.pid), "-m", "--", *cmd], check=True)
+        with open(f"/proc/{inner.pid}/mountinfo", "rb") as f:
+            want = reference_mountinfo(f.read())
+        assert any("propagate_from:" in str(row["propagation"]) for row in want)
+        res = run_cli("list", "--json", "--ns", str(inner.pid), "--source", "fanotify")
+        assert res.returncode == 0, res.stderr
+        snap = decode_json(res.stdout)
+        assert isinstance(snap, Snapshot)
+        got = {m.legacy_id: m for m in snap.mounts}
+        assert len(got) == len(want)
+        for row in want:
+            m = got[row["legacy_id"]]
+            for field, value in row.items():
+                assert getattr(m, field) == value, (field, m, row)
+    finally:
+        inner.kill()
+        inner.wait()

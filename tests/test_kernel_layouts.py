@@ -7,8 +7,10 @@ so the decoding is checked against the kernel's own rendering, with no kernel ne
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -163,9 +165,11 @@ def test_paths_and_source_are_raw_bytes() -> None:
     assert b"we\\040ird\\012\\134tab\\011here\\040\xff\xfe" in line  # mountinfo escapes
 
 
-def test_a_mount_without_source_shows_none() -> None:
+def test_a_mount_made_without_source() -> None:
+    # fsopen/fsmount with no "source": 6.18 itself answers "none", as mountinfo shows;
+    # statmount_to_mount would also say "none" for an answer without sb_source.
     sm, m = _decode("no_source_none")
-    assert sm.sb_source is None and not sm.mask & c.STATMOUNT_SB_SOURCE
+    assert sm.sb_source == b"none"
     assert m.source == "none"
 
 
@@ -274,10 +278,8 @@ def test_malformed_statmount(raw: bytes, match: str) -> None:
 @given(st.binary(min_size=0, max_size=800))
 def test_statmount_on_garbage_decodes_or_raises_malformed(raw: bytes) -> None:
     for buf in (raw, raw.ljust(c.STATMOUNT_FIXED_SIZE, b"\0")):
-        try:
+        with contextlib.suppress(MalformedBuffer):
             parse_statmount(buf)
-        except MalformedBuffer:
-            pass
 
 
 _path_bytes = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b)
@@ -294,6 +296,7 @@ _path_bytes = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b
     sb_flags=st.integers(0, 2**32 - 1),
 )
 def test_statmount_to_mount_properties(
+    *,
     point: bytes,
     root: bytes,
     source: bytes | None,
@@ -527,10 +530,8 @@ def test_fanotify_roundtrip(events: list[tuple[int, int, int]]) -> None:
 @given(st.binary(max_size=200))
 def test_fanotify_on_garbage_decodes_or_raises_malformed(raw: bytes) -> None:
     for buf in (raw, fan_record(A) + raw):
-        try:
+        with contextlib.suppress(MalformedBuffer):
             parse_fanotify_events(buf)
-        except MalformedBuffer:
-            pass
 
 
 # --------------------------------------------------------------------------- errors
@@ -542,8 +543,6 @@ def test_error_mapping_says_what_to_do() -> None:
     assert "CAP_SYS_ADMIN" in str(e) and "root" in str(e)
     u = from_errno(errno.ENOSYS, "listmount", feature="listmount()/statmount()", since="6.8")
     assert isinstance(u, Unsupported) and isinstance(u, KernelError)
-    import os
-
     assert os.uname().release in str(u) and "Linux 6.8+" in str(u)
     g = MountGone(2**31 + 3)
     assert g.errno == errno.ENOENT and str(g) == f"mount {2**31 + 3} is gone"

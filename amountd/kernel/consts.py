@@ -9,8 +9,9 @@ from __future__ import annotations
 import errno as _errno
 import platform as _platform
 
-# --- syscall numbers (x86_64; the same on every 64-bit arch using the generic table
-# for the new calls, but fanotify/statx differ, so we refuse other machines early) ---
+# --- syscall numbers (x86_64). Only statmount/listmount are called by number (the
+# unified table gives them the same number almost everywhere); fanotify and statx go
+# through their libc wrappers. The rest are for tests and tools. ---
 MACHINE = _platform.machine()
 SYS_fanotify_init = 300
 SYS_fanotify_mark = 301

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncGenerator
+from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 
 import anyio
 import msgspec
@@ -27,6 +28,7 @@ from ..kernel import consts as c
 from ..kernel.errors import KernelError, MountGone, NamespaceGone, PermissionDenied
 from ..kernel.layouts import (
     FanEvent,
+    StatMount,
     fs_options_of,
     options_of,
     parse_statmount,
@@ -34,6 +36,7 @@ from ..kernel.layouts import (
     statmount_to_mount,
 )
 from ..kernel.syscalls import (
+    enter_mntns,
     fanotify_init,
     fanotify_mark,
     listmount,
@@ -43,7 +46,7 @@ from ..kernel.syscalls import (
 )
 from ..loop import FdWatch, PriorityWatch, close_fd, fd_is_readable
 from ..model import Action, End, Event, Mount, Resync, fspath
-from ..ns import Namespace, find_pid
+from ..ns import Namespace, find_pid, open_ns, own_ns_id
 from ..table import MountTable, diff
 from .base import Change, Source
 
@@ -55,20 +58,76 @@ _SWEEP_MASK = (
 _READ_SIZE = 1 << 18  # ~6,500 events a read
 
 
-def _describe(mnt_id: int, ns_id: int) -> Mount | None:
+class Inside:
+    """A thread of ours inside the watched namespace, for what statmount computes
+    against the caller's root: `propagate_from` is always 0 when asked from outside,
+    and what the namespace's mountinfo shows when asked from in here.
+
+    The thread keeps the namespace alive, so it lives only as long as a known process
+    of the namespace does (like the mountinfo file the source polls).
+    """
+
+    def __init__(self, ns_path: str) -> None:
+        fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._pool = ThreadPoolExecutor(
+                1, thread_name_prefix="amountd-ns", initializer=enter_mntns, initargs=(fd,)
+            )
+            try:
+                self._pool.submit(int).result()  # inside before the fd closes, or broken
+            except BrokenExecutor:
+                self._pool.shutdown()
+                raise AmountdError(f"cannot enter {ns_path}") from None
+        finally:
+            os.close(fd)
+
+    def propagate_from(self, mnt_id: int, ns_id: int) -> int | None:
+        try:
+            return self._pool.submit(_propagate_from, mnt_id, ns_id).result()
+        except MountGone:
+            return None
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def _propagate_from(mnt_id: int, ns_id: int) -> int:
+    sm = parse_statmount(statmount(mnt_id, ns_id, c.STATMOUNT_PROPAGATE_FROM))
+    return sm.propagate_from or 0
+
+
+def _fix_slave(sm: StatMount, inside: Inside | None, ns_id: int) -> StatMount:
+    if inside is None or not (sm.mnt_propagation or 0) & c.MS_SLAVE or sm.mnt_id is None:
+        return sm
+    pf = inside.propagate_from(sm.mnt_id, ns_id)
+    return sm if pf is None else msgspec.structs.replace(sm, propagate_from=pf)
+
+
+def _describe(mnt_id: int, ns_id: int, inside: Inside | None = None) -> Mount | None:
     try:
-        return statmount_to_mount(parse_statmount(statmount(mnt_id, ns_id)))
+        sm = parse_statmount(statmount(mnt_id, ns_id))
     except MountGone:
         return None
+    return statmount_to_mount(_fix_slave(sm, inside, ns_id))
 
 
-def _kernel_table(ns_id: int) -> MountTable:
+def _kernel_table(ns_id: int, inside: Inside | None = None) -> MountTable:
     table = MountTable()
     for mnt_id in listmount(ns_id):
-        m = _describe(mnt_id, ns_id)
+        m = _describe(mnt_id, ns_id, inside)
         if m is not None:  # gone between listmount and statmount: not in the table
             table.add(m)
     return table
+
+
+def _inside(ns: Namespace) -> Inside | None:
+    """A thread inside `ns` where one is needed (not our own namespace) and allowed."""
+    if ns.path is None or ns.ns_id is None or ns.ns_id == own_ns_id():
+        return None
+    try:
+        return Inside(ns.path)
+    except (OSError, AmountdError):
+        return None
 
 
 def read_kernel_table(ns: Namespace) -> MountTable:
@@ -77,10 +136,14 @@ def read_kernel_table(ns: Namespace) -> MountTable:
         raise AmountdError(
             f"this kernel ({os.uname().release}) gives no mount namespace IDs (Linux 6.8+)"
         )
+    inside = _inside(ns)
     try:
-        return _kernel_table(ns.ns_id)
+        return _kernel_table(ns.ns_id, inside)
     except NamespaceGone:
         raise NamespaceError(f"the mount namespace of {ns.label} is gone") from None
+    finally:
+        if inside is not None:
+            inside.close()
 
 
 def in_user_namespace() -> bool:
@@ -115,6 +178,7 @@ class FanotifySource(Source):
         self._pidfd = -1
         self._mi = -1  # /proc/PID/mountinfo, for POLLPRI
         self._pri: PriorityWatch | None = None
+        self._in: Inside | None = None  # a thread in the namespace, for propagate_from
         self.sweeps = 0
 
     @property
@@ -136,10 +200,7 @@ class FanotifySource(Source):
                 )
         if self._fan < 0:
             self._fan = fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            nsfd = os.open(self.ns.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise NamespaceError(f"cannot open {self.ns.path}: {e.strerror}") from None
+        nsfd = open_ns(self.ns)
         try:
             fanotify_mark(
                 self._fan,
@@ -168,7 +229,7 @@ class FanotifySource(Source):
         self.reason = "; ".join(notes) or None
         # Marked before listing: a mount attached from here on is either listed or
         # reported (or both: an ATTACH for a listed mount is skipped).
-        self.table = _kernel_table(self._ns_id)
+        self.table = _kernel_table(self._ns_id, self._in)
 
     # ---------------------------------------------------------------- mountinfo pollers
 
@@ -189,9 +250,13 @@ class FanotifySource(Source):
         self._pri = PriorityWatch(mi)
         self._watch.add_readable(self._pri.fd)
         self._watch.add_readable(pidfd)
+        self._in = _inside(msgspec.structs.replace(self.ns, path=f"/proc/{pid}/ns/mnt"))
 
     def _drop_pid(self) -> None:
         """Let go of the namespace: an open mountinfo file keeps it alive."""
+        if self._in is not None:
+            self._in.close()
+            self._in = None
         if self._pri is not None:
             if self._watch is not None:
                 self._watch.remove(self._pri.fd)
@@ -241,7 +306,7 @@ class FanotifySource(Source):
             detach = ev.mask & c.FAN_MNT_DETACH
             if attach and detach:  # a move (or pivot_root): same mount, new place
                 old = table.get(mid)
-                new = _describe(mid, ns_id)
+                new = _describe(mid, ns_id, self._in)
                 if new is None:
                     if old is not None:  # moved, then gone before we asked
                         continue  # its DETACH follows and reports it
@@ -267,7 +332,7 @@ class FanotifySource(Source):
             elif attach:
                 if mid in table:
                     continue  # listed at arm or resync time already
-                new = _describe(mid, ns_id)
+                new = _describe(mid, ns_id, self._in)
                 if new is None:  # came and went: report it, with what we know
                     new = Mount(id=mid, ns_id=ns_id)
                 table.add(new)
@@ -324,7 +389,7 @@ class FanotifySource(Source):
             seen.add(key)
             todo.extend(kids.get(key, ()))
             old = table.get(key)
-            new = _describe(key, ns_id)
+            new = _describe(key, ns_id, self._in)
             if old is None or new is None or new == old:
                 continue  # gone: its DETACH follows
             table.add(new)
@@ -346,7 +411,7 @@ class FanotifySource(Source):
         out.append(Resync(seq=0, reason=reason))
         assert self._ns_id is not None
         try:
-            new = _kernel_table(self._ns_id)
+            new = _kernel_table(self._ns_id, self._in)
         except NamespaceGone:
             new = MountTable()
         out.extend(diff(self.table, new, via="resync", time=time.time(), ns_id=self._ns_id))
@@ -375,6 +440,7 @@ class FanotifySource(Source):
                 sm = parse_statmount(statmount(mid, ns_id, _SWEEP_MASK))
             except MountGone:
                 continue  # its DETACH is on the way
+            sm = _fix_slave(sm, self._in, ns_id)
             if sm.mnt_attr is None or sm.sb_flags is None or sm.mnt_propagation is None:
                 continue
             options = options_of(sm.mnt_attr)
