@@ -156,6 +156,20 @@ def in_user_namespace() -> bool:
     return lines != [b"0", b"0", b"4294967295"]
 
 
+def _fan_event(
+    now: float,
+    action: Action,
+    new: Mount,
+    old: Mount | None = None,
+    *,
+    pid: int | None = None,
+    comm: str | None = None,
+) -> Event:
+    return Event(
+        seq=0, time=now, action=action, via="fanotify", mount=new, old=old, pid=pid, comm=comm
+    )
+
+
 def _comm(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/comm", "rb") as f:
@@ -316,18 +330,7 @@ class FanotifySource(Source):
                     continue  # described at its new place already, by an earlier event
                 self._put(new)
                 action: Action = "move" if old is not None else "mount"
-                out.append(
-                    Event(
-                        seq=0,
-                        time=now,
-                        action=action,
-                        via="fanotify",
-                        mount=new,
-                        old=old,
-                        pid=pid,
-                        comm=comm,
-                    )
-                )
+                out.append(_fan_event(now, action, new, old, pid=pid, comm=comm))
                 if old is not None and new.target != old.target:
                     self._refresh_below(mid, now, pid, comm, out)
             elif attach:
@@ -337,32 +340,12 @@ class FanotifySource(Source):
                 if new is None:  # came and went: report it, with what we know
                     new = Mount(id=mid, ns_id=ns_id)
                 self._put(new)
-                out.append(
-                    Event(
-                        seq=0,
-                        time=now,
-                        action="mount",
-                        via="fanotify",
-                        mount=new,
-                        pid=pid,
-                        comm=comm,
-                    )
-                )
+                out.append(_fan_event(now, "mount", new, pid=pid, comm=comm))
             elif detach:
                 old = table.pop(mid)
                 if old is None:
                     continue
-                out.append(
-                    Event(
-                        seq=0,
-                        time=now,
-                        action="umount",
-                        via="fanotify",
-                        mount=old,
-                        pid=pid,
-                        comm=comm,
-                    )
-                )
+                out.append(_fan_event(now, "umount", old, pid=pid, comm=comm))
                 if not len(table):
                     out.append(End(reason=f"mount namespace {ns_id} was freed"))
                     return False
@@ -399,18 +382,7 @@ class FanotifySource(Source):
             if old is None or new is None or new == old:
                 continue  # gone: its DETACH follows
             self._put(new)
-            out.append(
-                Event(
-                    seq=0,
-                    time=now,
-                    action="move",
-                    via="fanotify",
-                    mount=new,
-                    old=old,
-                    pid=pid,
-                    comm=comm,
-                )
-            )
+            out.append(_fan_event(now, "move", new, old, pid=pid, comm=comm))
 
     def _resync(self, reason: str, out: list[Change]) -> None:
         """Rebuild from listmount + statmount; the difference goes out `via: resync`."""
@@ -479,7 +451,7 @@ class FanotifySource(Source):
                 else "propagation"
             )
             table.add(new)
-            out.append(Event(seq=0, time=now, action=action, via="fanotify", mount=new, old=old))
+            out.append(_fan_event(now, action, new, old))
 
     def _drain(self, out: list[Change]) -> tuple[int, bool]:
         """Read every queued event; (how many, whether the namespace lives on)."""
