@@ -159,3 +159,23 @@ def test_bad_namespace_run_cli_messages() -> None:
     res = run_cli("watch", "--source", "fanotify", "--ns", "/proc/self/ns/net")
     assert res.returncode == 1
     assert b"not a mount namespace" in res.stderr
+
+
+def test_without_cap_sys_chroot_propagate_from_degrades_and_says_so(
+    private_ns: PrivateNs,
+) -> None:
+    """setns() needs CAP_SYS_CHROOT: without it the watch goes on, and ready says what it lost."""
+    cmd = [
+        "setpriv", "--bounding-set=-sys_chroot", "--inh-caps=-sys_chroot",
+        sys.executable, "-m", "amountd", "watch", "--json", "--ns", str(private_ns.pid),
+        "--timeout", "0.3",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    assert b"Traceback" not in res.stderr
+    ready = decode_json(res.stdout.splitlines()[0])
+    assert isinstance(ready, Ready)
+    assert ready.source == "fanotify"
+    assert ready.reason is not None
+    assert "propagate_from of slave mounts reads 0" in ready.reason
+    assert "CAP_SYS_CHROOT" in ready.reason

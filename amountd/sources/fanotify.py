@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncGenerator
-from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import msgspec
@@ -69,17 +69,19 @@ class Inside:
 
     def __init__(self, ns_path: str) -> None:
         fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+        failed: list[BaseException] = []
         try:
             self._pool = ThreadPoolExecutor(
-                1, thread_name_prefix="amountd-ns", initializer=enter_mntns, initargs=(fd,)
+                1, thread_name_prefix="amountd-ns", initializer=_enter, initargs=(fd, failed)
             )
-            try:
-                self._pool.submit(int).result()  # inside before the fd closes, or broken
-            except BrokenExecutor:
-                self._pool.shutdown()
-                raise AmountdError(f"cannot enter {ns_path}") from None
+            self._pool.submit(int).result()  # the thread is inside before the fd closes
         finally:
             os.close(fd)
+        if failed:
+            self._pool.shutdown()
+            err = failed[0]
+            why = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err)
+            raise AmountdError(f"cannot enter the namespace: setns: {why}")
 
     def propagate_from(self, mnt_id: int, ns_id: int) -> int | None:
         try:
@@ -89,6 +91,13 @@ class Inside:
 
     def close(self) -> None:
         self._pool.shutdown()
+
+
+def _enter(fd: int, failed: list[BaseException]) -> None:
+    try:
+        enter_mntns(fd)  # setns(CLONE_NEWNS) needs CAP_SYS_ADMIN and CAP_SYS_CHROOT
+    except Exception as e:  # reported by Inside(), not logged as a crash by the pool
+        failed.append(e)
 
 
 def _propagate_from(mnt_id: int, ns_id: int) -> int:
@@ -121,12 +130,20 @@ def _kernel_table(ns_id: int, inside: Inside | None = None) -> MountTable:
 
 
 def _inside(ns: Namespace) -> Inside | None:
-    """A thread inside `ns` where one is needed (not our own namespace) and allowed."""
+    """A thread inside `ns` where one is needed (not our own namespace) and allowed;
+    raises AmountdError where it is needed and not allowed."""
     if ns.path is None or ns.ns_id is None or ns.ns_id == own_ns_id():
         return None
     try:
         return Inside(ns.path)
-    except (OSError, AmountdError):
+    except OSError as e:
+        raise AmountdError(f"cannot enter the namespace ({e.strerror})") from None
+
+
+def _inside_or_none(ns: Namespace) -> Inside | None:
+    try:
+        return _inside(ns)
+    except AmountdError:
         return None
 
 
@@ -136,7 +153,7 @@ def read_kernel_table(ns: Namespace) -> MountTable:
         raise AmountdError(
             f"this kernel ({os.uname().release}) gives no mount namespace IDs (Linux 6.8+)"
         )
-    inside = _inside(ns)
+    inside = _inside_or_none(ns)
     try:
         return _kernel_table(ns.ns_id, inside)
     except NamespaceGone:
@@ -194,6 +211,7 @@ class FanotifySource(Source):
         self._pri: PriorityWatch | None = None
         self._in: Inside | None = None  # a thread in the namespace, for propagate_from
         self._swept: dict[int, int] = {}  # mount ID -> hash of its last sweep answer
+        self.inside_error: str | None = None
         self.sweeps = 0
 
     @property
@@ -236,6 +254,11 @@ class FanotifySource(Source):
                 "pid and comm are not reported: fanotify names the process behind a change "
                 "only to real root, not to root in a user namespace"
             )
+        if self.inside_error is not None:
+            notes.append(
+                f"propagate_from of slave mounts reads 0 ({self.inside_error}; "
+                "entering needs CAP_SYS_ADMIN and CAP_SYS_CHROOT)"
+            )
         if self._pid is None:
             notes.append(
                 "remounts and propagation changes are not reported: no process is known in "
@@ -265,7 +288,10 @@ class FanotifySource(Source):
         self._pri = PriorityWatch(mi)
         self._watch.add_readable(self._pri.fd)
         self._watch.add_readable(pidfd)
-        self._in = _inside(msgspec.structs.replace(self.ns, path=f"/proc/{pid}/ns/mnt"))
+        try:
+            self._in = _inside(msgspec.structs.replace(self.ns, path=f"/proc/{pid}/ns/mnt"))
+        except AmountdError as e:
+            self.inside_error = str(e)
 
     def _drop_pid(self) -> None:
         """Let go of the namespace: an open mountinfo file keeps it alive."""
