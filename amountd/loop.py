@@ -15,6 +15,7 @@ import contextlib
 import os
 import select
 import threading
+from collections.abc import Callable
 
 import anyio
 
@@ -68,10 +69,16 @@ class FdWatch:
 
 
 class PriorityWatch:
-    """POLLPRI on one fd, seen by our thread alone, counted in an eventfd (`fd`)."""
+    """POLLPRI on one fd, seen by our thread alone, counted in an eventfd (`fd`).
 
-    def __init__(self, fd: int) -> None:
+    `explained`, when given, runs in that thread on each POLLPRI: if it returns True
+    the POLLPRI is not passed on, so the loop is not woken for what something else
+    (fanotify) reports anyway.
+    """
+
+    def __init__(self, fd: int, explained: Callable[[], bool] | None = None) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._explained = explained
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
         self._poll = select.poll()
         self._poll.register(fd, select.POLLPRI)
@@ -80,15 +87,16 @@ class PriorityWatch:
         self._thread.start()
 
     def _run(self) -> None:
+        explained = self._explained
         while True:
             for fd, ev in self._poll.poll():
                 if fd == self._stop or ev & select.POLLNVAL:
                     return
-                if ev & select.POLLPRI:
+                if ev & select.POLLPRI and (explained is None or not explained()):
                     os.eventfd_write(self.fd, 1)
 
     def fired(self) -> bool:
-        """Whether POLLPRI came since the last call (and forget it)."""
+        """Whether a POLLPRI came (and was not explained) since the last call."""
         try:
             os.eventfd_read(self.fd)
         except BlockingIOError:

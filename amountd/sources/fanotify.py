@@ -7,8 +7,8 @@ mountinfo is polled for POLLPRI alongside: a POLLPRI that no fanotify event expl
 starts a sweep (one statmount per mount, without paths) that finds what changed.
 
 POLLPRI is raised by every mount change, remounts included, and before the change's
-fanotify event is queued: so after a POLLPRI we read fanotify, give a missing event a
-moment (`grace`) to land, and sweep only when none came. The mountinfo file we poll
+fanotify event is queued: so the thread that polls mountinfo gives the event a moment
+(`grace`) to land, and wakes the loop to sweep only when none came. The mountinfo file we poll
 keeps the namespace alive, so it is dropped when the last process we know in it exits;
 the namespace's end then arrives as fanotify DETACHes, one per mount.
 """
@@ -16,11 +16,11 @@ the namespace's end then arrives as fanotify DETACHes, one per mount.
 from __future__ import annotations
 
 import os
+import select
 import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 
-import anyio
 import msgspec
 
 from ..errors import AmountdError, NamespaceError
@@ -31,6 +31,7 @@ from ..kernel.layouts import (
     StatMount,
     fs_options_of,
     options_of,
+    parse_fanotify_events,
     parse_statmount,
     propagation_of,
     statmount_to_mount,
@@ -41,10 +42,10 @@ from ..kernel.syscalls import (
     fanotify_mark,
     listmount,
     mntns_id,
-    read_fanotify,
+    mntns_info,
     statmount,
 )
-from ..loop import FdWatch, PriorityWatch, close_fd, fd_is_readable
+from ..loop import FdWatch, PriorityWatch, close_fd
 from ..model import Action, End, Event, Mount, Resync, fspath
 from ..ns import Namespace, find_pid, open_ns, own_ns_id
 from ..table import MountTable, diff
@@ -198,7 +199,7 @@ def _comm(pid: int) -> str | None:
 class FanotifySource(Source):
     kind = "fanotify"
 
-    def __init__(self, ns: Namespace, *, unlimited_queue: bool = False, grace: float = 0.002):
+    def __init__(self, ns: Namespace, *, unlimited_queue: bool = False, grace: float = 0.02):
         super().__init__(ns)
         self.unlimited_queue = unlimited_queue
         self.grace = grace
@@ -212,6 +213,9 @@ class FanotifySource(Source):
         self._in: Inside | None = None  # a thread in the namespace, for propagate_from
         self._swept: dict[int, int] = {}  # mount ID -> hash of its last sweep answer
         self.inside_error: str | None = None
+        self._drained_at = -1e9  # when the loop last read fanotify events (monotonic)
+        self._nsfd = -1  # the namespace, for its mount count (kept as long as `_mi`)
+        self._nr = -1  # its mount count when the POLLPRI thread last looked
         self.sweeps = 0
 
     @property
@@ -247,6 +251,8 @@ class FanotifySource(Source):
             os.close(nsfd)  # an open ns fd would keep the namespace (and its end) alive
         self._watch = FdWatch()
         self._watch.add_readable(self._fan)
+        self._fan_poll = select.poll()  # used by the POLLPRI thread only
+        self._fan_poll.register(self._fan, select.POLLIN)
         if self.ns.pid is not None:
             self._follow(self.ns.pid)
         if in_user_namespace():
@@ -285,7 +291,14 @@ class FanotifySource(Source):
             return
         assert self._watch is not None
         self._pid, self._pidfd, self._mi = pid, pidfd, mi
-        self._pri = PriorityWatch(mi)
+        try:
+            self._nsfd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            self._nr = mntns_info(self._nsfd)[0]
+        except (OSError, KernelError):  # before Linux 6.12: the grace alone decides
+            if self._nsfd >= 0:
+                os.close(self._nsfd)
+            self._nsfd = -1
+        self._pri = PriorityWatch(mi, self._explained)
         self._watch.add_readable(self._pri.fd)
         self._watch.add_readable(pidfd)
         try:
@@ -307,10 +320,11 @@ class FanotifySource(Source):
             if self._watch is not None:
                 self._watch.remove(self._pidfd)
             close_fd(self._pidfd)
-        if self._mi >= 0:
-            os.close(self._mi)
+        for fd in (self._mi, self._nsfd):
+            if fd >= 0:
+                os.close(fd)
         self._pid = None
-        self._mi = self._pidfd = -1
+        self._mi = self._pidfd = self._nsfd = -1
 
     def _pid_exited(self) -> None:
         """Follow another process of the namespace, or let the namespace go."""
@@ -318,12 +332,6 @@ class FanotifySource(Source):
         pid = find_pid(self.ns)
         if pid is not None:
             self._follow(pid)
-
-    def _table_changed(self) -> bool:
-        """POLLPRI since we last asked: a mount, umount, move or remount happened."""
-        return self._pri is not None and self._pri.fired()
-
-    # ------------------------------------------------------------------------- events
 
     def _apply(self, events: list[FanEvent], out: list[Change]) -> bool:
         """Turn kernel events into changes; False once the namespace is gone."""
@@ -484,34 +492,58 @@ class FanotifySource(Source):
         n = 0
         while True:
             try:
-                events = read_fanotify(self._fan, _READ_SIZE)
-            except KernelError as e:
-                raise AmountdError(f"reading fanotify events failed: {e}") from None
-            if not events:
+                data = os.read(self._fan, _READ_SIZE)
+            except BlockingIOError:
                 return n, True
+            except OSError as e:
+                raise AmountdError(f"reading fanotify events failed: {e.strerror}") from None
+            events = parse_fanotify_events(data)
+            self._drained_at = time.monotonic()
             n += len(events)
             if not self._apply(events, out):
                 return n, False
+            if len(data) < _READ_SIZE - 1024:
+                return n, True  # a short read emptied the queue; what comes next wakes us
+
+    def _explained(self) -> bool:
+        """In the POLLPRI thread: does a fanotify event account for this change?
+
+        A mount or umount changes the namespace's mount count (NS_MNT_GET_INFO, one
+        ioctl) and a remount does not: a changed count is explained at once, whenever
+        its fanotify event lands (measured: up to ~20 ms after the POLLPRI under load).
+        An unchanged count is a remount, a propagation change, a move, or a mount and
+        umount taken together: the event of a move or a pair gets `grace` to land (or
+        the loop read it already, before this thread got to look), and a POLLPRI with
+        no event wakes the loop to sweep. (Polling the fanotify fd consumes nothing.)
+        """
+        if self._nsfd >= 0:
+            try:
+                nr = mntns_info(self._nsfd)[0]
+            except KernelError:
+                nr = -1
+            if nr != self._nr:  # a mount or umount: fanotify reports it, now or soon
+                self._nr = nr
+                return True
+        if time.monotonic() - self._drained_at <= self.grace:
+            return True  # the loop read the event before this thread got to look
+        return bool(self._fan_poll.poll(self.grace * 1000))
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:
         watch = self._watch
         assert watch is not None, "arm() first"
         while True:
-            await watch.wait()
+            ready = await watch.wait()
             out: list[Change] = []
-            # Probe first, then drain: a change raises POLLPRI before its fanotify
-            # event is queued, so the events read next are the ones that explain it.
-            changed = self._table_changed()
-            n, alive = self._drain(out)
-            if alive and changed and not n:
-                await anyio.sleep(self.grace)  # let a slow event land before sweeping
-                n, alive = self._drain(out)
-                if alive and not n:
-                    self._sweep(out)
+            alive = True
+            if self._fan in ready:
+                _, alive = self._drain(out)
+            pri = self._pri
+            if alive and pri is not None and pri.fd in ready and pri.fired():
+                self._sweep(out)  # a POLLPRI that no fanotify event explained
             if not alive:
                 yield out
                 return
-            if self._pidfd >= 0 and fd_is_readable(self._pidfd):
+            if self._pidfd >= 0 and self._pidfd in ready:
                 self._pid_exited()
             if out:
                 yield out
