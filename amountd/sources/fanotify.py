@@ -216,6 +216,7 @@ class FanotifySource(Source):
         self._drained_at = -1e9  # when the loop last read fanotify events (monotonic)
         self._nsfd = -1  # the namespace, for its mount count (kept as long as `_mi`)
         self._nr = -1  # its mount count when the POLLPRI thread last looked
+        self._at: dict[tuple[int | None, str | None], set[int]] = {}  # (parent, target)
         self.sweeps = 0
 
     @property
@@ -274,6 +275,7 @@ class FanotifySource(Source):
         # Marked before listing: a mount attached from here on is either listed or
         # reported (or both: an ATTACH for a listed mount is skipped).
         self.table = _kernel_table(self._ns_id, self._in)
+        self._reindex()
 
     # ---------------------------------------------------------------- mountinfo pollers
 
@@ -367,6 +369,7 @@ class FanotifySource(Source):
                 out.append(_fan_event(now, action, new, old, pid=pid, comm=comm))
                 if old is not None and new.target != old.target:
                     self._refresh_below(mid, now, pid, comm, out)
+                self._retuck(new.parent_id, new.target, mid, now, pid, comm, out)
             elif attach:
                 if mid in table:
                     continue  # listed at arm or resync time already
@@ -375,11 +378,13 @@ class FanotifySource(Source):
                     new = Mount(id=mid, ns_id=ns_id)
                 self._put(new)
                 out.append(_fan_event(now, "mount", new, pid=pid, comm=comm))
+                self._retuck(new.parent_id, new.target, mid, now, pid, comm, out)
             elif detach:
-                old = table.pop(mid)
+                old = self._remove(mid)
                 if old is None:
                     continue
                 out.append(_fan_event(now, "umount", old, pid=pid, comm=comm))
+                self._retuck(mid, old.target, None, now, pid, comm, out)
                 if not len(table):
                     out.append(End(reason=f"mount namespace {ns_id} was freed"))
                     return False
@@ -387,8 +392,49 @@ class FanotifySource(Source):
 
     def _put(self, m: Mount) -> None:
         """A record freshly described: the sweep must not trust its old answer for it."""
+        old = self.table.get(m.key)
+        if old is not None:
+            self._at.get((old.parent_id, old.target), set()).discard(m.key)
         self.table.add(m)
+        self._at.setdefault((m.parent_id, m.target), set()).add(m.key)
         self._swept.pop(m.key, None)
+
+    def _remove(self, key: int) -> Mount | None:
+        old = self.table.pop(key)
+        if old is not None:
+            self._at.get((old.parent_id, old.target), set()).discard(key)
+        return old
+
+    def _reindex(self) -> None:
+        self._at = {}
+        for m in self.table:
+            self._at.setdefault((m.parent_id, m.target), set()).add(m.key)
+
+    def _retuck(
+        self,
+        parent: int | None,
+        target: str | None,
+        skip: int | None,
+        now: float,
+        pid: int | None,
+        comm: str | None,
+        out: list[Change],
+    ) -> None:
+        """A mount propagated to a place another mount covers is slid in underneath it,
+        and an umount there hands the covering mount back to the parent below: either
+        way the covering mount gets a new parent, and the kernel says nothing of it. So
+        after an attach at (parent, target), and after a detach of X (its covering
+        mount sits at (X, X's target)), re-describe what stands there."""
+        for key in list(self._at.get((parent, target), ())):
+            if key == skip:
+                continue
+            old = self.table.get(key)
+            assert self._ns_id is not None
+            new = _describe(key, self._ns_id, self._in)
+            if old is None or new is None or new == old:
+                continue
+            self._put(new)
+            out.append(_fan_event(now, "move", new, old, pid=pid, comm=comm))
 
     def _refresh_below(
         self, top: int, now: float, pid: int | None, comm: str | None, out: list[Change]
@@ -428,6 +474,7 @@ class FanotifySource(Source):
             new = MountTable()
         out.extend(diff(self.table, new, via="resync", time=time.time(), ns_id=self._ns_id))
         self.table = new
+        self._reindex()
         self._swept.clear()
 
     def _sweep(self, out: list[Change]) -> None:
@@ -464,6 +511,13 @@ class FanotifySource(Source):
             swept[mid] = digest
             sm = parse_statmount(raw)
             sm = _fix_slave(sm, self._in, ns_id)
+            if sm.mnt_parent_id is not None and sm.mnt_parent_id != old.parent_id:
+                # a new parent no event told of (see _retuck): describe it anew
+                moved = _describe(mid, ns_id, self._in)
+                if moved is not None and moved != old:
+                    self._put(moved)
+                    out.append(_fan_event(now, "move", moved, old))
+                continue
             if sm.mnt_attr is None or sm.sb_flags is None or sm.mnt_propagation is None:
                 continue
             options = options_of(sm.mnt_attr)
