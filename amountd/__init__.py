@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmountdError",
+    "ClientError",
     "End",
     "Error",
     "Event",
@@ -27,12 +28,15 @@ __all__ = [
     "Resync",
     "Snapshot",
     "apply_frame",
+    "connect",
     "snapshot",
     "watch",
 ]
 
 _LAZY = {
     "AmountdError": "errors",
+    "ClientError": "client",
+    "connect": "client",
     "End": "model",
     "Error": "model",
     "Event": "model",
@@ -51,6 +55,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .api import snapshot, watch
+    from .client import ClientError, connect
     from .errors import AmountdError
     from .filter import Filter
     from .model import End, Error, Event, Frame, FsPath, Mount, Ready, Resync, Snapshot

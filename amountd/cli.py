@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
     )
     p.set_defaults(func=_cmd_watch)
+
+    from .server_cli import add_commands
+
+    add_commands(sub, common)
     return parser
 
 

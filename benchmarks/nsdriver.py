@@ -4,6 +4,10 @@
     python nsdriver.py pairs DIR K GAP    K tmpfs mount+umount pairs on DIR/p, GAP seconds
                                           between changes (0: as fast as the kernel goes)
     python nsdriver.py burst DIR N        N bind mounts of DIR/src at DIR/b/0..N-1, unpaced
+    python nsdriver.py tree DIR N         N bind mounts of DIR/src at DIR/t/0..N-1 (for rbind)
+    python nsdriver.py rbind DIR          mount --rbind DIR/t DIR/r: 1 + N mounts in ONE syscall
+    python nsdriver.py up DIR             one tmpfs mount on DIR/p
+    python nsdriver.py down DIR           umount DIR/p
 
 Each op prints one JSON line: {"start": T0, "end": T1, "changes": C}, CLOCK_MONOTONIC
 seconds around its mount syscalls (one clock for every namespace, so the benchmark can
@@ -29,6 +33,7 @@ libc.mount.argtypes = [
 ]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 MS_BIND = 4096
+MS_REC = 16384
 
 
 def _check(r: int, what: str) -> None:
@@ -99,10 +104,32 @@ def main() -> None:
         n = int(sys.argv[3])
         t0, t1 = binds(d, b"b", n)
         changes = n
+    elif op == "tree":
+        n = int(sys.argv[3])
+        t0, t1 = binds(d, b"t", n)
+        changes = n
+    elif op == "rbind":
+        src, dst = d + b"/t", d + b"/r"
+        os.makedirs(src, exist_ok=True)
+        os.makedirs(dst, exist_ok=True)
+        t0 = time.monotonic()
+        mount(src, dst, None, MS_BIND | MS_REC)
+        t1 = time.monotonic()
+        changes = -1  # the benchmark counts them
     elif op == "pairs":
         k, gap = int(sys.argv[3]), float(sys.argv[4])
         t0, t1 = pairs(d, k, gap)
         changes = 2 * k
+    elif op in ("up", "down"):
+        p = d + b"/p"
+        os.makedirs(p, exist_ok=True)
+        t0 = time.monotonic()
+        if op == "up":
+            mount(b"pair", p, b"tmpfs")
+        else:
+            umount(p)
+        t1 = time.monotonic()
+        changes = 1
     else:
         raise SystemExit(f"unknown op {op}")
     print(json.dumps({"start": t0, "end": t1, "changes": changes}), flush=True)

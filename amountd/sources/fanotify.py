@@ -213,7 +213,6 @@ class FanotifySource(Source):
         self._in: Inside | None = None  # a thread in the namespace, for propagate_from
         self._swept: dict[int, int] = {}  # mount ID -> hash of its last sweep answer
         self.inside_error: str | None = None
-        self._drained_at = -1e9  # when the loop last read fanotify events (monotonic)
         self._nsfd = -1  # the namespace, for its mount count (kept as long as `_mi`)
         self._nr = -1  # its mount count when the POLLPRI thread last looked
         self._at: dict[tuple[int | None, str | None], set[int]] = {}  # (parent, target)
@@ -369,7 +368,7 @@ class FanotifySource(Source):
                 out.append(_fan_event(now, action, new, old, pid=pid, comm=comm))
                 if old is not None and new.target != old.target:
                     self._refresh_below(mid, now, pid, comm, out)
-                self._retuck(new.parent_id, new.target, mid, now, pid, comm, out)
+                self._retuck(new.parent_id, new.target, mid, out, now=now, pid=pid, comm=comm)
             elif attach:
                 if mid in table:
                     continue  # listed at arm or resync time already
@@ -378,13 +377,13 @@ class FanotifySource(Source):
                     new = Mount(id=mid, ns_id=ns_id)
                 self._put(new)
                 out.append(_fan_event(now, "mount", new, pid=pid, comm=comm))
-                self._retuck(new.parent_id, new.target, mid, now, pid, comm, out)
+                self._retuck(new.parent_id, new.target, mid, out, now=now, pid=pid, comm=comm)
             elif detach:
                 old = self._remove(mid)
                 if old is None:
                     continue
                 out.append(_fan_event(now, "umount", old, pid=pid, comm=comm))
-                self._retuck(mid, old.target, None, now, pid, comm, out)
+                self._retuck(mid, old.target, None, out, now=now, pid=pid, comm=comm)
                 if not len(table):
                     out.append(End(reason=f"mount namespace {ns_id} was freed"))
                     return False
@@ -415,10 +414,11 @@ class FanotifySource(Source):
         parent: int | None,
         target: str | None,
         skip: int | None,
+        out: list[Change],
+        *,
         now: float,
         pid: int | None,
         comm: str | None,
-        out: list[Change],
     ) -> None:
         """A mount propagated to a place another mount covers is slid in underneath it,
         and an umount there hands the covering mount back to the parent below: either
@@ -552,7 +552,6 @@ class FanotifySource(Source):
             except OSError as e:
                 raise AmountdError(f"reading fanotify events failed: {e.strerror}") from None
             events = parse_fanotify_events(data)
-            self._drained_at = time.monotonic()
             n += len(events)
             if not self._apply(events, out):
                 return n, False
@@ -566,9 +565,10 @@ class FanotifySource(Source):
         ioctl) and a remount does not: a changed count is explained at once, whenever
         its fanotify event lands (measured: up to ~20 ms after the POLLPRI under load).
         An unchanged count is a remount, a propagation change, a move, or a mount and
-        umount taken together: the event of a move or a pair gets `grace` to land (or
-        the loop read it already, before this thread got to look), and a POLLPRI with
-        no event wakes the loop to sweep. (Polling the fanotify fd consumes nothing.)
+        umount taken together: an event pending or landing within `grace` explains it;
+        else the loop is woken to sweep. (Where the loop read a move's event before this
+        thread looked, that costs a needless sweep, never a missed change.) Polling the
+        fanotify fd consumes nothing.
         """
         if self._nsfd >= 0:
             try:
@@ -578,8 +578,6 @@ class FanotifySource(Source):
             if nr != self._nr:  # a mount or umount: fanotify reports it, now or soon
                 self._nr = nr
                 return True
-        if time.monotonic() - self._drained_at <= self.grace:
-            return True  # the loop read the event before this thread got to look
         return bool(self._fan_poll.poll(self.grace * 1000))
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:

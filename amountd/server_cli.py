@@ -1,0 +1,226 @@
+"""`amountd serve` and `amountd subscribe` (DESIGN.md, "The command line").
+
+Registered by cli.build_parser(); like the rest of the CLI, the heavy modules are
+imported inside the commands so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .errors import AmountdError, UsageError
+
+__all__ = ["add_commands"]
+
+DEFAULT_SOCKET = "/run/amountd/amountd.sock"  # = client.DEFAULT_SOCKET, without importing it
+
+
+def _count(text: str, *, minimum: int) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < minimum:
+        raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {n}")
+    return n
+
+
+def _at_least_1(text: str) -> int:
+    return _count(text, minimum=1)
+
+
+def _at_least_0(text: str) -> int:
+    return _count(text, minimum=0)
+
+
+def _hostport(text: str) -> str:
+    from .client import split_hostport
+
+    try:
+        split_hostport(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add `serve` and `subscribe` to the `amountd` parser's subcommands."""
+    from .cli import _add_filters, _add_ns, _add_source, _positive_int, _seconds
+
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve mount changes to subscribers over a Unix socket (and TCP)",
+        description="Watch one mount namespace and serve its changes to subscribers. "
+        "Subscribers speak first: one JSON line, e.g. "
+        '{"type":"subscribe","version":1,"format":"json","snapshot":true}',
+    )
+    p.add_argument(
+        "--unix",
+        metavar="PATH",
+        default=DEFAULT_SOCKET,
+        help=f"Unix socket to listen on (default: {DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--tcp",
+        metavar="HOST:PORT",
+        type=_hostport,
+        help="also listen on TCP (an address other than loopback needs --token-file)",
+    )
+    _add_ns(p)
+    _add_source(p)
+    p.add_argument(
+        "--queue",
+        type=_at_least_1,
+        default=1024,
+        metavar="N",
+        help="frames a subscriber may fall behind before it is resynced (default: 1024)",
+    )
+    p.add_argument(
+        "--ring",
+        type=_at_least_0,
+        default=65536,
+        metavar="N",
+        help="recent events kept for resuming with `since` (default: 65536)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help='TCP subscribers must send this file\'s content as "token"',
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TCP over TLS with this certificate")
+    p.add_argument("--tls-key", metavar="FILE", help="the TLS certificate's private key")
+    p.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="give the Unix socket to this group (mode 0660: its members may subscribe)",
+    )
+    p.add_argument(
+        "--unlimited-queue",
+        action="store_true",
+        help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
+    )
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "subscribe",
+        parents=[common],
+        help="print mount changes from a running `amountd serve`",
+        description="The output of `amountd watch`, from a running `amountd serve`.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--unix", metavar="PATH", help=f"the server's Unix socket (default: {DEFAULT_SOCKET})"
+    )
+    where.add_argument(
+        "--tcp", metavar="HOST:PORT", type=_hostport, help="the server's TCP address"
+    )
+    p.add_argument("--tls", action="store_true", help="--tcp over TLS (system CAs)")
+    p.add_argument("--tls-ca", metavar="FILE", help="--tcp over TLS, trusting this CA certificate")
+    p.add_argument("--token-file", metavar="FILE", help="send this file's content as the token")
+    p.add_argument("--json", action="store_true", help="one JSON frame per line")
+    p.add_argument("--snapshot", action="store_true", help="print the table first")
+    p.add_argument(
+        "--since",
+        type=_at_least_0,
+        metavar="SEQ",
+        help="resume after event SEQ (replayed if the server still holds it, else a resync)",
+    )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the connection drops, reconnect and resume where it stopped",
+    )
+    _add_filters(p, actions=True)
+    p.add_argument("--count", type=_positive_int, metavar="N", help="exit after N events")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
+    p.set_defaults(func=_cmd_subscribe)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .cli import run
+    from .server import ServeConfig, serve
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="amountd serve: %(message)s",
+        stream=sys.stderr,
+    )
+    config = ServeConfig(
+        unix=args.unix,
+        socket_group=args.socket_group,
+        tcp=args.tcp,
+        token_file=args.token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        ns=args.ns,
+        source=args.source,
+        queue=args.queue,
+        ring=args.ring,
+        unlimited_queue=args.unlimited_queue,
+    )
+    run(lambda: serve(config), args.backend)
+    return 0
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise AmountdError(f"cannot read the token file {path}: {e.strerror or e}") from None
+    if not token:
+        raise AmountdError(f"the token file {path} is empty")
+    return token
+
+
+def _cmd_subscribe(args: argparse.Namespace) -> int:
+    from .cli import Output, _filter, run, run_until_signal
+
+    if (args.tls or args.tls_ca) and args.tcp is None:
+        raise UsageError("--tls/--tls-ca apply to --tcp HOST:PORT")
+    if args.tcp is not None:
+        url = f"{'tls' if args.tls or args.tls_ca else 'tcp'}://{args.tcp}"
+    else:
+        url = f"unix:{os.path.abspath(args.unix or DEFAULT_SOCKET)}"
+    flt = _filter(args)
+    token = _read_token(args.token_file) if args.token_file else None
+    ssl_context = None
+    if args.tls_ca:
+        import ssl
+
+        try:
+            ssl_context = ssl.create_default_context(cafile=args.tls_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise AmountdError(f"cannot load the CA certificate {args.tls_ca}: {e}") from None
+    out = Output(args.json)
+
+    async def body() -> None:
+        from .client import connect
+        from .model import Event
+
+        n = 0
+        async with connect(
+            url,
+            snapshot=args.snapshot,
+            since=args.since,
+            filter=flt,
+            format="msgpack",
+            reconnect=args.reconnect,
+            token=token,
+            ssl_context=ssl_context,
+        ) as frames:
+            async for frame in frames:
+                out.frame(frame)
+                if isinstance(frame, Event):
+                    n += 1
+                    if args.count is not None and n >= args.count:
+                        return
+
+    run(lambda: run_until_signal(body, args.timeout), args.backend)
+    return 0

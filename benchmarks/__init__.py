@@ -1,0 +1,1 @@
+"""amountd's benchmarks: `python -m benchmarks [--quick] [NAME ...]` (see run.py)."""

@@ -1,0 +1,153 @@
+"""The benchmarks run, and write well-formed results (never a timing assertion).
+
+`python -m benchmarks --quick` makes its mounts in private namespaces only; it needs
+root and util-linux, and is skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.common import Table, format_table
+
+REPO = Path(__file__).resolve().parent.parent
+CAN_RUN = os.geteuid() == 0 and all(shutil.which(t) for t in ("unshare", "nsenter", "findmnt"))
+
+
+def _bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_list_names_every_benchmark() -> None:
+    res = _bench("--list")
+    assert res.returncode == 0, res.stderr
+    names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+    assert names == ["cpu_per_change", "overflow"]
+
+
+def test_unknown_benchmark_is_a_usage_error() -> None:
+    res = _bench("no_such_benchmark")
+    assert res.returncode == 2
+    assert "unknown benchmark" in res.stderr
+
+
+def test_format_table_aligns_text_left_and_numbers_right() -> None:
+    text = format_table(
+        Table("T", ["name", "us"], [["fanotify", 12.345], ["mountinfo", 54767.4], ["x", None]])
+    )
+    lines = text.splitlines()
+    assert lines[0] == "T"
+    assert lines[1].split() == ["name", "us"]
+    assert lines[3] == "fanotify     12.3"
+    assert lines[4] == "mountinfo  54,767"
+    assert lines[5] == "x               -"
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    if not CAN_RUN:
+        pytest.skip("needs root and util-linux unshare/nsenter/findmnt (private mount namespaces)")
+    out = tmp_path_factory.mktemp("bench")
+    res = _bench("--quick", "-q", "--out", str(out))
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    return out, res.stdout
+
+
+def _load(out: Path, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    assert doc["benchmark"] == name
+    m = doc["machine"]
+    for key in ("cpu_model", "kernel", "python", "amountd", "util_linux"):
+        assert isinstance(m[key], str) and m[key], key
+    assert isinstance(m["cores"], int) and m["cores"] > 0
+    assert isinstance(doc["started"], str)
+    assert _number(doc["wall_s"])
+    assert doc["params"]["quick"] is True
+    assert isinstance(doc["records"], list) and doc["records"]
+    assert isinstance(doc["notes"], list)
+    return doc
+
+
+def test_quick_prints_machine_and_tables(quick_results: tuple[Path, str]) -> None:
+    out, stdout = quick_results
+    assert stdout.startswith("machine: ")
+    assert "CPU per change" in stdout
+    assert "Ratios of CPU per change" in stdout
+    assert "Overflow recovery" in stdout
+    for name in ("cpu_per_change", "overflow"):
+        png = out / f"{name}.png"
+        assert png.exists() or "plot skipped: matplotlib is missing" in stdout
+        if png.exists():
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_cpu_per_change_is_well_formed(quick_results: tuple[Path, str]) -> None:
+    doc = _load(quick_results[0], "cpu_per_change")
+    recs = doc["records"]
+    rows = {(r["size"], r["source"], r["mode"]) for r in recs}
+    sizes = doc["params"]["sizes"]
+    sources = doc["params"]["sources"]
+    modes = doc["params"]["modes"]
+    assert set(modes) == {"isolated", "paced", "unpaced"}
+    assert rows == {(n, s, m) for n in sizes for s in sources for m in modes}
+    for r in recs:
+        assert isinstance(r["mounts"], int) and r["mounts"] >= r["size"] > 0
+        assert isinstance(r["changes_made"], int) and r["changes_made"] > 0
+        assert isinstance(r["changes_reported"], int) and r["changes_reported"] >= 0
+        for key in ("cpu_per_change_us", "cpu_ns", "idle_ns", "wall_s", "gap_ms"):
+            assert _number(r[key]) and r[key] >= 0, (key, r)
+        assert r["cpu_per_reported_us"] is None or _number(r["cpu_per_reported_us"])
+        assert _number(r["switches_per_change"])
+        assert isinstance(r["threads"], int) and r["threads"] >= 1
+        assert isinstance(r["calibration"], bool)
+        if r["mode"] != "unpaced":
+            assert r["changes_reported"] > 0, r  # paced so that every watcher keeps up
+        if r["source"] == "fanotify":
+            # fanotify reports every change (the queue is far from full).
+            assert r["changes_reported"] == r["changes_made"], r
+    summary = doc["summary"]
+    assert len(summary["ratios"]) == len(sizes) * len(modes)
+    for s in summary["ratios"]:
+        for key in ("mountinfo_over_fanotify", "findmnt_over_fanotify"):
+            assert s[key] is None or _number(s[key])
+    for t in summary["targets"]:
+        assert isinstance(t["scale_met"], bool) and isinstance(t["ratio_met"], bool)
+
+
+def test_quick_overflow_recovers_to_the_kernels_table(quick_results: tuple[Path, str]) -> None:
+    doc = _load(quick_results[0], "overflow")
+    for r in doc["records"]:
+        assert r["scenario"] in ("rbind", "binds")
+        assert r["equal"] is True, r
+        assert r["consumer_mounts"] == r["kernel_mounts"] > r["mounts_before"]
+        assert r["burst"] == doc["params"]["burst"]
+        assert isinstance(r["events"], int) and r["events"] > 0
+        assert _number(r["recovered_s"]) and _number(r["burst_s"])
+        assert _number(r["consumer_cpu_s"]) and _number(r["max_pause_s"])
+        assert isinstance(r["resyncs"], int) and r["resyncs"] >= 0
+        assert r["first_resync_s"] is None or _number(r["first_resync_s"])
+        assert all(len(p) == 2 and _number(p[0]) for p in r["timeline"])
+        if r["scenario"] == "rbind" and r["source"] == "fanotify" and not r["unlimited_queue"]:
+            # 20,000 attaches in one syscall, the reader held busy: a 16,384-event
+            # queue overflows, and the table above came back through resync.
+            assert r["resyncs"] >= 1, r
