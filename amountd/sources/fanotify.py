@@ -216,6 +216,7 @@ class FanotifySource(Source):
         self._nsfd = -1  # the namespace, for its mount count (kept as long as `_mi`)
         self._nr = -1  # its mount count when the POLLPRI thread last looked
         self._at: dict[tuple[int | None, str | None], set[int]] = {}  # (parent, target)
+        self._buf = bytearray(_READ_SIZE)
         self.sweeps = 0
 
     @property
@@ -546,16 +547,16 @@ class FanotifySource(Source):
         n = 0
         while True:
             try:
-                data = os.read(self._fan, _READ_SIZE)
+                got = os.readv(self._fan, (self._buf,))  # no 256 KiB allocation per read
             except BlockingIOError:
                 return n, True
             except OSError as e:
                 raise AmountdError(f"reading fanotify events failed: {e.strerror}") from None
-            events = parse_fanotify_events(data)
+            events = parse_fanotify_events(memoryview(self._buf)[:got])
             n += len(events)
             if not self._apply(events, out):
                 return n, False
-            if len(data) < _READ_SIZE - 1024:
+            if got < _READ_SIZE - 1024:
                 return n, True  # a short read emptied the queue; what comes next wakes us
 
     def _explained(self) -> bool:
