@@ -6,12 +6,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from .filter import Filter, filter_event, filter_mounts
 from .model import End, Event, Frame, Mount, Ready, Resync, Snapshot
 from .ns import Namespace, resolve_ns
 from .sources import Source, open_source
+from .stream import FrameStream, lone_exception
 
 __all__ = ["FrameStream", "frames_of", "snapshot", "watch"]
 
@@ -45,26 +46,6 @@ async def frames_of(
                 yield frame
                 if isinstance(frame, End):
                     return
-
-
-class FrameStream:
-    """The frames of a watch: an async iterator that a timeout or cancellation can
-    interrupt without losing the watch (unlike a bare async generator's `anext`)."""
-
-    def __init__(self, receive: MemoryObjectReceiveStream[Frame]) -> None:
-        self._receive = receive
-        self.error: BaseException | None = None
-
-    def __aiter__(self) -> FrameStream:
-        return self
-
-    async def __anext__(self) -> Frame:
-        try:
-            return await self._receive.receive()
-        except anyio.EndOfStream:
-            if self.error is not None:
-                raise self.error from None
-            raise StopAsyncIteration from None
 
 
 async def _pump(
@@ -101,14 +82,15 @@ async def watch(
     target = ns if isinstance(ns, Namespace) else resolve_ns(ns)
     send, receive = anyio.create_memory_object_stream[Frame](buffer)
     stream = FrameStream(receive)
-    async with (
-        open_source(source, target, unlimited_queue=unlimited_queue) as src,
-        receive,
-        anyio.create_task_group() as tg,
-    ):
-        tg.start_soon(_pump, frames_of(src, snapshot=snapshot, filter=filter), send, stream)
-        yield stream
-        tg.cancel_scope.cancel()
+    with lone_exception():
+        async with (
+            open_source(source, target, unlimited_queue=unlimited_queue) as src,
+            receive,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(_pump, frames_of(src, snapshot=snapshot, filter=filter), send, stream)
+            yield stream
+            tg.cancel_scope.cancel()
 
 
 def snapshot(ns: str | int | Namespace | None = None, *, source: str = "auto") -> list[Mount]:

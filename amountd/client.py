@@ -33,6 +33,7 @@ from .errors import AmountdError, UsageError
 from .filter import Filter
 from .model import End, Error, Event, Frame, Resync, Snapshot
 from .protocol import Format, FrameReader, ProtocolError, SubscribeRequest, encode_request
+from .stream import FrameStream, lone_exception
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -196,35 +197,18 @@ async def _open_and_request(
 # --- the stream the consumer reads -------------------------------------------------------
 
 
-class ClientStream:
+class ClientStream(FrameStream):
     """The frames of a subscription: an async iterator that a timeout or cancellation
     can interrupt without losing a frame. A failure (an `error` frame, a dropped
     connection that could not be reopened) is raised as ClientError after the frames
     that came before it."""
 
     def __init__(self, url: str, receive: MemoryObjectReceiveStream[Frame]) -> None:
+        super().__init__(receive)
         self.url = url
-        self._receive = receive
-        self.error: BaseException | None = None
         self.last_seq: int | None = None
         """The seq of the last event, resync or snapshot received (what `since` resumes from)."""
         self.reconnects = 0
-
-    def __aiter__(self) -> ClientStream:
-        return self
-
-    async def __anext__(self) -> Frame:
-        try:
-            try:
-                # No checkpoint per frame when frames are waiting (tens of thousands a
-                # second): the consumer's own awaits, or the wait below, let others run.
-                return self._receive.receive_nowait()
-            except anyio.WouldBlock:
-                return await self._receive.receive()
-        except anyio.EndOfStream:
-            if self.error is not None:
-                raise self.error from None
-            raise StopAsyncIteration from None
 
 
 def _answer_format(asked: Format, first: bytes) -> Format:
@@ -451,14 +435,8 @@ async def connect(
         retry_for=retry_for,
         out=stream,
     )
-    try:
+    with lone_exception():  # the reader task hands its failure to the stream
         async with receive, anyio.create_task_group() as tg:
             tg.start_soon(client.run, conn, send)
             yield stream
             tg.cancel_scope.cancel()
-    except BaseExceptionGroup as eg:
-        # The reader task never fails (it hands its failure to the stream), so this is
-        # the consumer's own exception: give it back as itself, not wrapped in a group.
-        if len(eg.exceptions) == 1:
-            raise eg.exceptions[0] from None
-        raise

@@ -181,3 +181,35 @@ def test_auto_is_fanotify_here_and_unlimited_queue_for_root(private_ns: PrivateN
     )
     assert res.returncode == 0, res.stderr
     assert decode_json(res.stdout.splitlines()[0]) == ready
+
+
+async def test_remounts_right_after_a_mount_are_reported(private_ns: PrivateNs) -> None:
+    """A remount's POLLPRI must not be taken as explained by the mount just before it."""
+    ns = private_ns
+    a = ns.path("a")
+    ns.mkdir(a)
+    async with watch(source="fanotify", ns=ns.pid) as frames:
+        await next_frames(frames, 1)
+        ns.run("mount", "-t", "tmpfs", "w", a)
+        [ev] = await next_frames(frames, 1)
+        assert isinstance(ev, Event)
+        assert ev.action == "mount"
+        for opts, want in (("remount,bind,ro", "ro,relatime"), ("remount,bind,rw", "rw,relatime")):
+            ns.run("mount", "-o", opts, a)
+            [ev] = await next_frames(frames, 1, timeout=5)
+            assert isinstance(ev, Event)
+            assert (ev.action, ev.mount.options) == ("remount", want)
+        ns.run("umount", a)
+        [ev] = await next_frames(frames, 1)
+        assert isinstance(ev, Event)
+        assert ev.action == "umount"
+
+
+async def test_a_consumers_exception_comes_out_as_itself(private_ns: PrivateNs) -> None:
+    class Mine(Exception):
+        pass
+
+    with pytest.raises(Mine):
+        async with watch(source="fanotify", ns=private_ns.pid) as frames:
+            await next_frames(frames, 1)
+            raise Mine
