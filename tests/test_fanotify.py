@@ -213,3 +213,64 @@ async def test_a_consumers_exception_comes_out_as_itself(private_ns: PrivateNs) 
         async with watch(source="fanotify", ns=private_ns.pid) as frames:
             await next_frames(frames, 1)
             raise Mine
+
+
+@pytest.mark.parametrize("source", ["fanotify", "mountinfo"])
+async def test_subtree_watch_started_during_churn_has_no_gap(
+    private_ns: PrivateNs, source: str
+) -> None:
+    """--under PATH, started while mounts come and go below PATH (and outside it): the
+    snapshot plus the stream is the subtree, with nothing lost and nothing doubled."""
+    from amountd.filter import Filter, filter_mounts
+    from amountd.model import fspath
+
+    ns = private_ns
+    inside, outside = ns.path("in"), ns.path("out")
+    ns.mkdir(inside, outside)
+    ns.run("mount", "-t", "tmpfs", "box", inside)  # the subtree's own root, then churn below
+    churn_in = ns.popen_ops("churn", inside, 4_000)
+    churn_out = ns.popen_ops("churn", outside, 4_000)
+    flt = Filter(under=fspath(inside))
+    try:
+        await anyio.sleep(0.1)
+        async with watch(source=source, ns=ns.pid, snapshot=True, filter=flt) as frames:
+            snap, _ = await next_frames(frames, 2)
+            assert isinstance(snap, Snapshot)
+            table = apply_frame(MountTable(), snap)
+            while churn_in.poll() is None or churn_out.poll() is None:
+                with anyio.move_on_after(0.1):
+                    while True:
+                        frame = await anext(frames)
+                        if isinstance(frame, Event) and frame.mount.target is not None:
+                            # (a mount gone before it could be described has no target:
+                            # it passes every filter, so its umount can pair with it)
+                            assert frame.mount.target.startswith(str(fspath(inside)))
+                            if source == "fanotify" and frame.action == "mount":
+                                assert frame.mount.key not in table, "doubled"
+                        table = apply_frame(table, frame)
+            assert (churn_in.returncode, churn_out.returncode) == (0, 0)
+
+            def want() -> MountTable:
+                if source == "fanotify":
+                    return MountTable(filter_mounts(flt, kernel_table(ns)))
+                from amountd.mountinfo import parse_mountinfo
+
+                ns_id = resolve_ns(ns.pid).ns_id
+                return MountTable(filter_mounts(flt, parse_mountinfo(ns.mountinfo(), ns_id=ns_id)))
+
+            with anyio.move_on_after(20):
+                while table != want():
+                    with anyio.move_on_after(0.3):
+                        while True:
+                            table = apply_frame(table, await anext(frames))
+            final = want()
+            diffs = [
+                (k, table.get(k), final.get(k))
+                for k in set(table.keys()) | set(final.keys())
+                if table.get(k) != final.get(k)
+            ]
+            assert not diffs, diffs[:3]
+    finally:
+        for p in (churn_in, churn_out):
+            p.kill()
+            p.wait()
