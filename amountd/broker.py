@@ -238,6 +238,8 @@ class Subscription:
                     continue
                 if out is not frame:
                     item = _Item(out, item.seq)
+            elif type(frame) is Resync and not group.filter.ns_matches(frame.ns_id):
+                continue
             parts.append(item.encoded(fmt))
 
     # --- state -----------------------------------------------------------------------
@@ -346,7 +348,10 @@ class Broker:
         if self._end is not None:
             raise RuntimeError("the broker has ended: nothing can be published after End")
         if isinstance(frame, End):
-            self._publish_end(frame)
+            if frame.ns_id is None:
+                self._publish_end(frame)
+            else:
+                self._publish_ns_end(frame)
             return self._seq
         if not isinstance(frame, (Event, Resync)):
             raise TypeError(f"only Event, Resync and End are published, not {type(frame)}")
@@ -356,8 +361,11 @@ class Broker:
         item = _Item(frame, seq)
         self._ring.append(item)
         ev = frame if type(frame) is Event else None
+        ns = frame.ns_id if type(frame) is Resync else None  # one namespace's resync
         for group in self._groups.values():
             if ev is None or group.empty:
+                if ns is not None and not group.filter.ns_matches(ns):
+                    continue
                 it = item
             else:
                 out = filter_event(group.filter, ev)
@@ -386,6 +394,25 @@ class Broker:
         sub.drops += 1
         self._drops += 1
         sub._wake()
+
+    def _publish_ns_end(self, frame: End) -> None:
+        """One namespace of several ended: an ordinary frame, for those who see that
+        namespace, and the stream goes on. It has no seq and is kept out of the ring
+        (replay counts ring items by seq): a subscriber resuming with `since` still gets
+        the namespace's last umounts, which come before it, just not the `end` itself."""
+        item = _Item(frame, self._seq)
+        for group in self._groups.values():
+            if not group.filter.ns_matches(frame.ns_id):
+                continue
+            for sub in group.subs:
+                if sub._skip:
+                    continue  # its next read starts from a fresh snapshot anyway
+                q = sub._queue
+                if len(q) < sub._limit:
+                    q.append(item)
+                else:
+                    self._lag(sub)
+            group.wake()
 
     def _publish_end(self, frame: End) -> None:
         item = self._end = _Item(frame, self._seq)

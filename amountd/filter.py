@@ -29,16 +29,34 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     every other type passes; otherwise only the listed types pass. Types match exactly
     (`fuse` does not match `fuse.sshfs`). `under` is PATH itself and everything below
     it, on path-component boundaries.
+
+    `namespaces` (mount namespace IDs) differs: null is every namespace, and a list,
+    even an empty one, is exactly those (the server narrows it to what a client may
+    see, which can be nothing). A mount whose `ns_id` is unknown is not in any listed
+    namespace. `pids` names namespaces by a process in each: a server resolves them to
+    `namespaces` when the subscription starts (the matching here ignores them).
     """
 
     actions: list[Action] | None = None
     fstypes: list[str] | None = None
     under: FsPath | None = None
+    namespaces: list[int] | None = None
+    pids: list[int] | None = None
 
     @functools.cached_property
     def is_empty(self) -> bool:
         """Nothing is filtered: callers skip the filter entirely."""
-        return not self.actions and not self.fstypes and self.under is None
+        return (
+            not self.actions
+            and not self.fstypes
+            and self.under is None
+            and self.namespaces is None
+            and not self.pids
+        )
+
+    @functools.cached_property
+    def _namespaces(self) -> frozenset[int] | None:
+        return None if self.namespaces is None else frozenset(self.namespaces)
 
     @functools.cached_property
     def _actions(self) -> frozenset[str] | None:
@@ -80,13 +98,18 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
         path, prefix = under
         return target == path or target.startswith(prefix)
 
+    def ns_matches(self, ns_id: int | None) -> bool:
+        """Whether a frame of namespace `ns_id` is shown (also for `resync`/`end`)."""
+        spaces = self._namespaces
+        return spaces is None or ns_id in spaces
+
     def action_matches(self, action: str) -> bool:
         actions = self._actions
         return actions is None or action in actions
 
     def matches_mount(self, m: Mount) -> bool:
-        """The type and subtree tests (actions concern events, not mounts)."""
-        return self.type_matches(m.fstype) and self.is_under(m.target)
+        """The namespace, type and subtree tests (actions concern events, not mounts)."""
+        return self.ns_matches(m.ns_id) and self.type_matches(m.fstype) and self.is_under(m.target)
 
 
 def filter_mounts(f: Filter | None, mounts: Iterable[Mount]) -> list[Mount]:
@@ -100,6 +123,8 @@ def filter_event(f: Filter | None, ev: Event) -> Event | None:
     """The event as this filter's watcher sees it, or None if it does not see it."""
     if f is None or f.is_empty:
         return ev
+    if not f.ns_matches(ev.mount.ns_id):
+        return None
     if f.under is not None:
         if ev.action == "move" and ev.old is not None:
             was_in = f.is_under(ev.old.target)

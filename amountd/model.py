@@ -23,9 +23,12 @@ __all__ = [
     "Frame",
     "FsPath",
     "Mount",
+    "NamespaceStatus",
     "Ready",
     "Resync",
     "Snapshot",
+    "Status",
+    "SubscriberStatus",
     "Via",
     "decode_json",
     "decode_msgpack",
@@ -133,13 +136,17 @@ class Event(msgspec.Struct, kw_only=True, tag="event", tag_field="type"):
     comm: str | None = None
 
 
-class Resync(msgspec.Struct, kw_only=True, tag="resync", tag_field="type"):
+class Resync(msgspec.Struct, kw_only=True, tag="resync", tag_field="type", omit_defaults=True):
     seq: int
     reason: str
+    ns_id: int | None = None
+    """The one namespace this concerns, from a server watching several (else None)."""
 
 
-class End(msgspec.Struct, kw_only=True, tag="end", tag_field="type"):
+class End(msgspec.Struct, kw_only=True, tag="end", tag_field="type", omit_defaults=True):
     reason: str
+    ns_id: int | None = None
+    """Set when one namespace of several ended (the stream goes on); None: the stream ends."""
 
 
 class Error(msgspec.Struct, kw_only=True, tag="error", tag_field="type"):
@@ -147,7 +154,47 @@ class Error(msgspec.Struct, kw_only=True, tag="error", tag_field="type"):
     message: str
 
 
-Frame = Snapshot | Ready | Event | Resync | End | Error
+class NamespaceStatus(msgspec.Struct, kw_only=True):
+    """One watched namespace in a `status` frame."""
+
+    ns_id: int | None = None
+    mounts: int = 0
+
+
+class SubscriberStatus(msgspec.Struct, kw_only=True):
+    """One subscriber in a `status` frame: who, what it asked for, how far behind."""
+
+    id: int = 0
+    peer: str = ""
+    format: str = ""
+    filter: str = ""
+    queued: int = 0
+    lag: int = 0
+    drops: int = 0
+    delivered: int = 0
+
+
+class Status(msgspec.Struct, kw_only=True, tag="status", tag_field="type"):
+    """A running server's state: its one answer to a `status` request (`amountd status`).
+    Every field has a default, so a field added later still decodes in an older client."""
+
+    version: str = ""
+    pid: int = 0
+    uptime: float = 0.0
+    source: str = ""
+    reason: str | None = None
+    listeners: list[str] = []
+    namespaces: list[NamespaceStatus] = []
+    seq: int = 0
+    events: int = 0
+    resyncs: int = 0
+    overflows: int = 0
+    drops: int = 0
+    subscribers: int = 0
+    subscriber: list[SubscriberStatus] = []
+
+
+Frame = Snapshot | Ready | Event | Resync | End | Error | Status
 
 
 def _json_enc_hook(obj: Any) -> Any:

@@ -37,7 +37,9 @@ __all__ = [
     "Format",
     "FrameReader",
     "ProtocolError",
+    "Request",
     "RequestReader",
+    "StatusRequest",
     "SubscribeRequest",
     "check_token",
     "encode_frame",
@@ -55,7 +57,7 @@ MAX_FRAME = 256 * 1024 * 1024
 """The largest frame a `FrameReader` accepts: a snapshot of ~1M mounts fits."""
 
 Format = Literal["json", "msgpack"]
-FRAME_TYPES = frozenset({"snapshot", "ready", "event", "resync", "end", "error"})
+FRAME_TYPES = frozenset({"snapshot", "ready", "event", "resync", "end", "error", "status"})
 
 _LEN = struct.Struct(">I")
 
@@ -85,9 +87,22 @@ class SubscribeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     token: str | None = None
 
 
+class StatusRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`amountd status`: the server answers with one `status` frame and closes."""
+
+    type: Literal["status"] = "status"
+    version: int = PROTOCOL_VERSION
+    format: Format = "json"
+    token: str | None = None
+
+
+Request = SubscribeRequest | StatusRequest
+"""What a client may send first (told apart by `type`)."""
+
 _request_decoder: msgspec.json.Decoder[SubscribeRequest] = msgspec.json.Decoder(
     SubscribeRequest, dec_hook=_dec_hook
 )
+_status_decoder: msgspec.json.Decoder[StatusRequest] = msgspec.json.Decoder(StatusRequest)
 _request_encoder = msgspec.json.Encoder(enc_hook=_json_enc_hook)
 
 
@@ -98,12 +113,12 @@ def error_frame(exc: BaseException) -> Error:
     return Error(code="internal", message="internal server error")
 
 
-def encode_request(req: SubscribeRequest) -> bytes:
+def encode_request(req: Request) -> bytes:
     """A request as the one JSON line a client sends."""
     return _request_encoder.encode(req) + b"\n"
 
 
-def check_token(req: SubscribeRequest, expected: str | None) -> None:
+def check_token(req: Request, expected: str | None) -> None:
     """Raise "forbidden" unless the request carries the listener's token (if it has one)."""
     if expected is None:
         return
@@ -125,24 +140,24 @@ def _where(path: str) -> str:
     return path.lstrip(".") or "the request"
 
 
-def _known(path: str) -> str:
-    if path.lstrip(".") == "filter":
+def _known(path: str, kind: type[Request] = SubscribeRequest) -> str:
+    if path.lstrip(".") == "filter" and kind is SubscribeRequest:
         names = Filter.__struct_fields__
     elif path == "":
-        names = SubscribeRequest.__struct_fields__
+        names = kind.__struct_fields__
     else:
         return ""
     return " (known fields: " + ", ".join(names) + ")"
 
 
-def _explain(err: msgspec.ValidationError) -> str:
+def _explain(err: msgspec.ValidationError, kind: type[Request] = SubscribeRequest) -> str:
     """msgspec's message, reworded so a person at `socat` knows what to change."""
     text = str(err)
     m = _MSG_AT.match(text)
     msg, path = (m.group(1), m.group(2)) if m else (text, "")
     where = _where(path)
     if u := _MSG_UNKNOWN.match(msg):
-        return f"unknown field {u.group(1)!r} in {where}{_known(path)}"
+        return f"unknown field {u.group(1)!r} in {where}{_known(path, kind)}"
     if u := _MSG_MISSING.match(msg):
         return f"missing field {u.group(1)!r} in {where}"
     if path == ".format":
@@ -151,9 +166,9 @@ def _explain(err: msgspec.ValidationError) -> str:
     return f"bad value for {where!r}: {msg}" if path else f"bad request: {msg}"
 
 
-def parse_request(line: bytes) -> SubscribeRequest:
-    """The client's first line -> a request. Raises ProtocolError, and only that, for
-    any input whatsoever."""
+def parse_request(line: bytes) -> Request:
+    """The client's first line -> a request (subscribe, or status). Raises
+    ProtocolError, and only that, for any input whatsoever."""
     try:
         return _parse_request(line)
     except ProtocolError:
@@ -164,7 +179,7 @@ def parse_request(line: bytes) -> SubscribeRequest:
         raise ProtocolError("bad-request", f"bad request: {exc}") from None
 
 
-def _parse_request(line: bytes) -> SubscribeRequest:
+def _parse_request(line: bytes) -> Request:
     line = bytes(line)
     if line.endswith(b"\n"):
         line = line[:-1]
@@ -185,10 +200,10 @@ def _parse_request(line: bytes) -> SubscribeRequest:
     kind = raw.get("type")
     if kind is None:
         raise ProtocolError("bad-request", 'missing field \'type\': send "type":"subscribe"')
-    if kind != "subscribe":
+    if kind not in ("subscribe", "status"):
         raise ProtocolError(
             "bad-request",
-            f'unknown request type {_short(kind)}; this server accepts "subscribe"',
+            f'unknown request type {_short(kind)}; this server accepts "subscribe" and "status"',
         )
     if "version" not in raw:
         raise ProtocolError(
@@ -203,9 +218,12 @@ def _parse_request(line: bytes) -> SubscribeRequest:
             f"version {version} is not supported; this server speaks {PROTOCOL_VERSION}",
         )
     try:
+        if kind == "status":
+            return _status_decoder.decode(line)
         return _request_decoder.decode(line)
     except msgspec.ValidationError as exc:
-        raise ProtocolError("bad-request", _explain(exc)) from None
+        what = StatusRequest if kind == "status" else SubscribeRequest
+        raise ProtocolError("bad-request", _explain(exc, what)) from None
 
 
 def _short(value: object) -> str:
@@ -234,7 +252,7 @@ class RequestReader:
         self._done = False
         self.rest = b""
 
-    def feed(self, data: bytes) -> SubscribeRequest | None:
+    def feed(self, data: bytes) -> Request | None:
         """The request once its line is complete, else None."""
         if self._done:
             return None
@@ -254,7 +272,7 @@ class RequestReader:
         self._buf.clear()
         return parse_request(line)
 
-    def feed_eof(self) -> SubscribeRequest | None:
+    def feed_eof(self) -> Request | None:
         """At end of input: a final line without a newline still counts (Ctrl-D at socat)."""
         if self._done or not self._buf.strip():
             return None

@@ -20,6 +20,7 @@ moves the source's batches into the broker, and the shutdown.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import logging
 import os
@@ -41,22 +42,25 @@ import msgspec
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSListener
 
+from .access import scope_request
 from .broker import Broker, Subscription
 from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
 from .errors import AmountdError, UsageError
 from .filter import Filter
 from .model import End, Event
-from .ns import resolve_ns
 from .protocol import (
     ProtocolError,
+    Request,
     RequestReader,
-    SubscribeRequest,
+    StatusRequest,
     check_token,
     error_frame,
     frame_json,
 )
 from .render import human_path
-from .sources import Source, open_source
+from .service import Service
+from .sources import Source
+from .sources.multi import open_watch, source_label
 from .table import MountTable, apply
 
 __all__ = ["DEFAULT_SOCKET", "STOPPING", "ServeConfig", "check_config", "serve"]
@@ -79,6 +83,10 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     tls_cert: str | None = None
     tls_key: str | None = None
     ns: str | None = None
+    namespaces: list[str] | None = None
+    """Several namespaces (PIDs or namespace files; `--ns` given more than once)."""
+    all_namespaces: bool = False
+    """Every mount namespace, and new ones as they appear."""
     source: str = "auto"
     queue: int = 1024
     ring: int = 65536
@@ -97,6 +105,8 @@ def check_config(config: ServeConfig) -> None:
         raise UsageError("--queue must be at least 1")
     if config.ring < 0:
         raise UsageError("--ring must not be negative")
+    if config.all_namespaces and (config.ns is not None or config.namespaces):
+        raise UsageError("--ns and --all-namespaces exclude each other")
     if not 0 <= config.socket_mode <= 0o777:
         raise UsageError(f"bad socket mode {config.socket_mode:o}")
     if (config.tls_cert is None) != (config.tls_key is None):
@@ -294,6 +304,8 @@ def _describe(f: Filter) -> str:
         parts.append("types " + ",".join(f.fstypes))
     if f.under is not None:
         parts.append("under " + human_path(f.under))
+    if f.namespaces is not None:
+        parts.append("namespaces " + (",".join(map(str, f.namespaces)) or "none"))
     return ", " + ", ".join(parts)
 
 
@@ -310,32 +322,45 @@ class _TLSListener(TLSListener):
 class Server:
     """The listeners, the connections and the pump around one broker."""
 
-    def __init__(self, config: ServeConfig, broker: Broker, table: MountTable) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        broker: Broker,
+        table: MountTable,
+        service: Service | None = None,
+    ) -> None:
         self.config = config
         self.broker = broker
         self.table = table
+        self.service = service if service is not None else Service()
+        """systemd, SIGHUP, metrics, status (amountd.service)."""
         self.slice = max(1, min(256, config.queue // 4))
         self.conns: set[_Conn] = set()
         self._idle: anyio.Event | None = None
         self.failure: BaseException | None = None
         self.stop_reason = STOPPING
+        self.socket_gid: int | None = None
+        """The Unix socket's group: its members see every namespace (amountd.access)."""
 
     # --- the source's side -------------------------------------------------------------
 
     async def pump(self, src: Source, done: anyio.CancelScope) -> None:
         """Batches -> broker, in slices, each frame applied to our table and published
         with no await in between (snapshots come from that table, as of the last seq)."""
-        publish = self.broker.publish
+        # The server-wide filter and the counts (metrics, status) ride on publish.
+        publish = self.service.publisher(self.broker.publish)
+        stamp = self.service.stamp
         table = self.table
         step = self.slice
         try:
             async with aclosing(src.changes()) as batches:
                 async for batch in batches:
+                    stamp()
                     for i, frame in enumerate(batch, 1):
                         if type(frame) is Event:
                             apply(table, frame)
                         publish(frame)
-                        if isinstance(frame, End):
+                        if isinstance(frame, End) and frame.ns_id is None:  # else: one of several
                             log.info("the namespace ended (%s): stopping", frame.reason)
                             done.cancel()
                             return
@@ -354,9 +379,19 @@ class Server:
             self.stop_reason = f"{STOPPING}: {e}"
         done.cancel()
 
-    async def signals(self, done: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+    async def signals(
+        self,
+        done: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
+            task_status.started()  # handled from here on (SIGHUP's default would kill us)
             async for signum in received:
+                if signum == signal.SIGHUP:
+                    self.service.reload(self)
+                    continue
+                self.service.stopping(f"{signal.Signals(signum).name}: stopping")
                 log.info("%s: stopping", signal.Signals(signum).name)
                 done.cancel()
                 return
@@ -394,12 +429,28 @@ class Server:
         try:
             req = await self._read_request(stream)
             check_token(req, lst.token)
+            if isinstance(req, StatusRequest):  # one `status` frame, then close
+                log.debug("%s (%s): status", conn.peer, lst.name)
+                await self.service.answer_status(
+                    self, stream, req, _raw_socket(stream), token=lst.token is not None
+                )
+                return
+            req = await anyio.to_thread.run_sync(  # who may see what; it may scan /proc
+                functools.partial(
+                    scope_request,
+                    req,
+                    _raw_socket(stream),
+                    token=lst.token is not None,
+                    socket_gid=self.socket_gid,
+                )
+            )
         except ProtocolError as e:
             log.info("%s (%s): refused: %s: %s", conn.peer, lst.name, e.code, e.message)
             await self._refuse(stream, e)
             return
         sub = self.broker.subscribe(req)
         conn.subscribed = True
+        self.service.subscribed(sub, conn.peer)
         log.info(
             "%s (%s): subscriber %d: %s%s%s%s",
             conn.peer,
@@ -422,7 +473,7 @@ class Server:
                 "subscriber %d left: %d frames delivered, %d drops", sub.id, st.delivered, st.drops
             )
 
-    async def _read_request(self, stream: anyio.abc.ByteStream) -> SubscribeRequest:
+    async def _read_request(self, stream: anyio.abc.ByteStream) -> Request:
         reader = RequestReader()
         timeout = self.config.request_timeout
         try:
@@ -494,10 +545,11 @@ class Server:
     ) -> None:
         async with anyio.create_task_group() as conns:
             async with anyio.create_task_group() as main:
-                main.start_soon(self.signals, main.cancel_scope)
+                await main.start(self.signals, main.cancel_scope)
                 main.start_soon(self.pump, src, main.cancel_scope)
                 for lst in listeners:
                     main.start_soon(lst.listener.serve, self.handler(lst), conns)
+                self.service.ready()  # READY=1: listening, and the signals are ours
             # No more publishing. Close the listeners (and remove the socket file) first,
             # so a reconnecting client finds nobody rather than a backlog closed under it,
             # then say goodbye and drain.
@@ -561,13 +613,58 @@ async def _open_listeners(
     return listeners, unix
 
 
-async def serve(config: ServeConfig) -> None:
-    """Serve one namespace until SIGINT/SIGTERM or until the namespace ends.
+async def _passed_listeners(
+    socks: list[socket.socket],
+    config: ServeConfig,
+    token: str | None,
+    ssl_ctx: ssl.SSLContext | None,
+) -> list[_Listener]:
+    """The sockets systemd passed (amountd.socket), used as they are: their file, mode
+    and group are the socket unit's (never unlinked or chmod-ed here). A TCP one gets
+    the token and TLS that `--tcp` would."""
+    out: list[_Listener] = []
+    for sock in socks:
+        listener: Any = await anyio.abc.SocketListener.from_socket(sock)
+        if sock.family == socket.AF_UNIX:
+            where = sock.getsockname()
+            name = f"unix:{os.fsdecode(where) if where else '?'}"
+            out.append(_Listener(name=name, listener=listener, token=None))
+        else:
+            host, port = sock.getsockname()[:2]
+            if not is_loopback(host) and token is None:
+                await anyio.aclose_forcefully(listener)
+                raise AmountdError(
+                    f"systemd passed a TCP socket on {host}:{port}, which other machines can "
+                    "reach: set token_file (every subscriber must then send it), or listen "
+                    "on 127.0.0.1"
+                )
+            scheme = "tls" if ssl_ctx is not None else "tcp"
+            if ssl_ctx is not None:
+                listener = _TLSListener(
+                    listener,
+                    ssl_ctx,
+                    standard_compatible=False,
+                    handshake_timeout=config.request_timeout,
+                )
+            shown = f"[{host}]" if ":" in host else host
+            name = f"{scheme}://{shown}:{port}"
+            out.append(_Listener(name=name, listener=listener, token=token))
+        log.info("listening on %s (passed by systemd)", name)
+    return out
 
-    Raises AmountdError (UsageError for bad settings) for what stops it from starting,
-    and the source's failure if it fails while serving (after telling subscribers).
+
+async def serve(config: ServeConfig, service: Service | None = None) -> None:
+    """Serve one namespace until SIGINT/SIGTERM or until the namespace ends (several:
+    until every one of a fixed list has ended; all of them: until stopped).
+
+    `service` brings the daemon's side (settings to reload on SIGHUP, metrics; systemd
+    is spoken to either way). Raises AmountdError (UsageError for bad settings) for what
+    stops it from starting, and the source's failure if it fails while serving (after
+    telling subscribers).
     """
     check_config(config)
+    service = service if service is not None else Service()
+    passed = service.passed_sockets()  # systemd's (socket activation): used, not bound
     token = read_token(config.token_file) if config.token_file is not None else None
     ssl_ctx = (
         _ssl_context(config.tls_cert, config.tls_key)
@@ -575,30 +672,34 @@ async def serve(config: ServeConfig) -> None:
         else None
     )
     gid = _group_id(config.socket_group) if config.socket_group is not None else None
-    ns = resolve_ns(config.ns)
-    async with open_source(config.source, ns, unlimited_queue=config.unlimited_queue) as src:
-        log.info(
-            "watching the mount namespace of %s with %s%s",
-            ns.label,
-            src.kind,
-            f" ({src.reason})" if src.reason else "",
-        )
+    async with open_watch(
+        config.source,
+        ns=config.ns,
+        namespaces=config.namespaces,
+        all_namespaces=config.all_namespaces,
+        unlimited_queue=config.unlimited_queue,
+    ) as src:
         # The table as of the last published frame: the source's own is as of the end
         # of its latest batch, which the pump publishes in slices.
         table = src.table.copy()
         broker = Broker(
             ring=config.ring,
             queue=config.queue,
-            table=table.mounts,
+            table=service.view(table.mounts),  # the server-wide filter applied
             ns_id=src.ns_id,
-            source=src.kind,
+            source=source_label(src),
             reason=src.reason,
         )
         # Numbers from this run start above every earlier run's (see the module doc).
         # The broker has no parameter for it yet; nothing is published or subscribed.
         broker._seq = time.time_ns() // 1000
-        server = Server(config, broker, table)
-        listeners, unix = await _open_listeners(config, token, ssl_ctx, gid)
+        server = Server(config, broker, table, service)
+        listeners, unix = await _open_listeners(service.unpassed(config), token, ssl_ctx, gid)
+        listeners += await _passed_listeners(passed, config, token, ssl_ctx)
+        if unix is not None:
+            server.socket_gid = gid if gid is not None else os.lstat(unix[0]).st_gid
+        elif passed:
+            server.socket_gid = service.passed_unix_gid()
         log.info("serving on %s", ", ".join(lst.name for lst in listeners))
 
         async def close_listeners() -> None:
@@ -609,7 +710,9 @@ async def serve(config: ServeConfig) -> None:
                     await anyio.aclose_forcefully(lst.listener)
 
         try:
-            await server.run(src, listeners, close_listeners)
+            # The metrics listener and the watchdog; READY=1 now that all is open.
+            async with service.running(server, src, listeners):
+                await server.run(src, listeners, close_listeners)
         finally:
             await close_listeners()
         stats = broker.stats()

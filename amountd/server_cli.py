@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 from .errors import AmountdError, UsageError
@@ -48,13 +47,14 @@ def _hostport(text: str) -> str:
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add `serve` and `subscribe` to the `amountd` parser's subcommands."""
-    from .cli import _add_filters, _add_ns, _add_source, _positive_int, _seconds
+    from .cli import _add_filters, _add_source, _positive_int, _seconds
 
     p = sub.add_parser(
         "serve",
         parents=[common],
         help="serve mount changes to subscribers over a Unix socket (and TCP)",
-        description="Watch one mount namespace and serve its changes to subscribers. "
+        description="Watch mount namespaces (one, several, or all) and serve their changes "
+        "to subscribers. "
         "Subscribers speak first: one JSON line, e.g. "
         '{"type":"subscribe","version":1,"format":"json","snapshot":true}',
     )
@@ -70,7 +70,18 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         type=_hostport,
         help="also listen on TCP (an address other than loopback needs --token-file)",
     )
-    _add_ns(p)
+    p.add_argument(
+        "--ns",
+        metavar="PID|NSPATH",
+        action="append",
+        help="the mount namespace of process PID, or a namespace file (default: our own); "
+        "give it again to watch several",
+    )
+    p.add_argument(
+        "--all-namespaces",
+        action="store_true",
+        help="every mount namespace on the host, and new ones as they appear",
+    )
     _add_source(p)
     p.add_argument(
         "--queue",
@@ -103,6 +114,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
     )
+    from .service_cli import add_serve_flags, add_status_command
+
+    add_serve_flags(p)  # --config, --metrics, --log-*; every settings flag defaults to None
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
@@ -139,33 +153,14 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
     p.set_defaults(func=_cmd_subscribe)
 
+    add_status_command(sub, common)
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import logging
+    # The settings file, the flags over it, logging, SIGHUP: amountd.service_cli.
+    from .service_cli import cmd_serve
 
-    from .cli import run
-    from .server import ServeConfig, serve
-
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="amountd serve: %(message)s",
-        stream=sys.stderr,
-    )
-    config = ServeConfig(
-        unix=args.unix,
-        socket_group=args.socket_group,
-        tcp=args.tcp,
-        token_file=args.token_file,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        ns=args.ns,
-        source=args.source,
-        queue=args.queue,
-        ring=args.ring,
-        unlimited_queue=args.unlimited_queue,
-    )
-    run(lambda: serve(config), args.backend)
-    return 0
+    return cmd_serve(args)
 
 
 def _read_token(path: str) -> str:

@@ -1,0 +1,453 @@
+"""The daemon around `amountd serve`: systemd, SIGHUP reloads, metrics, and `status`.
+
+server.py moves frames; this is what a sysadmin's host expects of a service, kept
+apart so the server stays a thin shell and each part can be read on its own:
+
+- systemd (amountd.systemd): the sockets of `amountd.socket` are used instead of
+  binding; READY=1 once the source is armed, the first table is built and the
+  listeners are open; WATCHDOG=1 from a task on the event loop (a wedged loop misses
+  it, which is the point); STOPPING=1 first thing on SIGTERM/SIGINT.
+- SIGHUP re-reads the settings: the live keys (amountd.config.LIVE_KEYS) apply at
+  once, the others are logged as needing a restart. No subscriber is dropped: a new
+  server-wide `[filter]` is published as `resync` and the events that turn the old
+  view into the new one, like any other resync.
+- Metrics are counted in `publish`, the one call per published frame: a type test
+  and, with `--metrics` only, a dict update and a histogram bucket.
+- `status` requests are answered with one `Status` frame built from the broker and
+  the source, for peers that may see everything (root, the socket's group, a token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from . import systemd
+from .access import sees_all, tcp_peer_uid, unix_peer
+from .broker import Broker, Subscription
+from .config import Config, parse_hostport, reloadable
+from .errors import AmountdError
+from .filter import Filter, filter_event, filter_mounts
+from .logs import setup_logging
+from .metrics import Metrics, serve_metrics
+from .model import End, Event, Mount, NamespaceStatus, Resync, Status, SubscriberStatus
+from .protocol import ProtocolError, StatusRequest, encode_frame
+from .sources import Source
+from .table import MountTable, diff
+
+if TYPE_CHECKING:
+    from .server import ServeConfig, Server, _Listener
+
+__all__ = ["ServerMetrics", "Service", "serve_config"]
+
+log = logging.getLogger("amountd.service")
+
+Change = Event | Resync | End
+
+STATUS_EVERY = 10.0
+"""Seconds between STATUS= updates under systemd when there is no watchdog to ride on."""
+
+
+def serve_config(settings: Config) -> ServeConfig:
+    """The server's settings from the file-and-flags ones (what `amountd serve` runs)."""
+    from .server import ServeConfig
+
+    ns = list(settings.ns)
+    return ServeConfig(
+        unix=settings.unix,
+        socket_mode=settings.socket_mode,
+        socket_group=settings.socket_group,
+        tcp=settings.tcp,
+        token_file=settings.token_file,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        ns=ns[0] if len(ns) == 1 else None,
+        namespaces=ns if len(ns) > 1 else None,
+        all_namespaces=settings.all_namespaces,
+        source=settings.source,
+        queue=settings.queue,
+        ring=settings.ring,
+        unlimited_queue=settings.unlimited_queue,
+    )
+
+
+class ServerMetrics(Metrics):
+    """amountd's metrics, with what the broker already counts read at scrape time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broker: Broker | None = None
+
+    def attach(self, broker: Broker) -> None:
+        self.broker = broker
+        self.subscribers.fn = lambda: broker.subscribers
+        self.queue_drops.fn = lambda: broker.stats().drops
+
+    def render(self) -> bytes:
+        if self.broker is not None:
+            drops = self.broker.stats().drops
+            if drops:  # each dropped queue is one `lagged` resync for its subscriber
+                self.resyncs.values[("lagged",)] = drops
+        return super().render()
+
+
+class Service:
+    """The plumbing around one Server; every part is a cheap no-op when unused (no
+    systemd, no settings file, no `--metrics`), so `serve()` always has one."""
+
+    def __init__(
+        self,
+        settings: Config | None = None,
+        *,
+        reload: Callable[[], Config] | None = None,
+    ) -> None:
+        self.settings = settings
+        """The settings running now (the live keys of the latest reload included)."""
+        self._reload = reload
+        self.scope: Filter | None = settings.filter.to_filter() if settings else None
+        """The server-wide filter (`[filter]`): no subscriber sees beyond it."""
+        self.metrics_addr: tuple[str, int] | None = None
+        self.metrics: ServerMetrics | None = None
+        if settings is not None and settings.metrics is not None:
+            self.metrics_addr = parse_hostport(settings.metrics)
+            self.metrics = ServerMetrics()
+        self.started = time.monotonic()
+        self.events = 0
+        self.resyncs = 0
+        self.overflows = 0
+        self.listeners: list[str] = []
+        self._t0 = perf_counter()
+        self._peers: weakref.WeakKeyDictionary[Subscription, str] = weakref.WeakKeyDictionary()
+        self._passed: list[socket.socket] = []
+        self._stopping = False
+        self._server: Server | None = None
+        self._src: Source | None = None
+
+    # --- the hot path -------------------------------------------------------------------
+
+    def stamp(self) -> None:
+        """A batch came from the source: its events' processing time counts from here."""
+        self._t0 = perf_counter()
+
+    def publisher(self, publish: Callable[[Change], int]) -> Callable[[Change], None]:
+        """`publish` with the server-wide filter applied and the frame counted."""
+
+        def pub(frame: Change) -> None:
+            if type(frame) is Event:
+                scope = self.scope
+                if scope is not None:
+                    seen = filter_event(scope, frame)
+                    if seen is None:
+                        return
+                    frame = seen
+                publish(frame)
+                self.events += 1
+                m = self.metrics
+                if m is not None:
+                    m.events.inc(frame.action, frame.via)
+                    m.event_seconds.observe(perf_counter() - self._t0)
+                return
+            publish(frame)
+            if type(frame) is Resync:
+                self._count_resync(frame.reason)
+
+        return pub
+
+    def _count_resync(self, reason: str) -> None:
+        self.resyncs += 1
+        if reason == "overflow":
+            self.overflows += 1
+        m = self.metrics
+        if m is not None:
+            m.resyncs.inc(reason)
+            if reason == "overflow":
+                m.overflows.inc()
+
+    def view(self, mounts: Callable[[], Iterable[Mount]]) -> Callable[[], Iterable[Mount]]:
+        """The table as subscribers may see it (for the broker's snapshots)."""
+
+        def seen() -> Iterable[Mount]:
+            scope = self.scope
+            return mounts() if scope is None else filter_mounts(scope, mounts())
+
+        return seen
+
+    def subscribed(self, sub: Subscription, peer: str) -> None:
+        """A subscriber joined: remember who it is (for `status`)."""
+        self._peers[sub] = peer
+        if sub._resync_reason == "since-expired" and self.metrics is not None:
+            self.metrics.resyncs.inc("since-expired")
+
+    # --- systemd ------------------------------------------------------------------------
+
+    def passed_sockets(self) -> list[socket.socket]:
+        """The listening sockets systemd passed us (socket activation), once."""
+        if not self._passed:
+            self._passed = [systemd.socket_for(fd) for fd, _ in systemd.listen_fds()]
+        return self._passed
+
+    def unpassed(self, config: ServeConfig) -> ServeConfig:
+        """`config` without what a passed socket replaces: a Unix socket from systemd
+        stands for `unix`, a TCP one for `tcp` (neither is bound, chmod-ed or removed)."""
+        import msgspec
+
+        families = {s.family for s in self._passed}
+        unix = None if socket.AF_UNIX in families else config.unix
+        tcp = None if families & {socket.AF_INET, socket.AF_INET6} else config.tcp
+        if (unix, tcp) == (config.unix, config.tcp):
+            return config
+        for flag, was, now in (("unix", config.unix, unix), ("tcp", config.tcp, tcp)):
+            if was is not None and now is None:
+                log.info("not binding %s %s: systemd passed a socket for it", flag, was)
+        return msgspec.structs.replace(config, unix=unix, tcp=tcp)
+
+    def passed_unix_gid(self) -> int | None:
+        """The group of the first passed Unix socket's file (SocketGroup=): its members
+        see every namespace, as with a socket we bind."""
+        for s in self._passed:
+            if s.family == socket.AF_UNIX:
+                path = s.getsockname()
+                if isinstance(path, str) and path:
+                    with contextlib.suppress(OSError):
+                        return os.stat(path).st_gid
+        return None
+
+    def status_line(self) -> str:
+        """The one line `systemctl status` shows (STATUS=)."""
+        server, src = self._server, self._src
+        if server is None or src is None:
+            return "starting"
+        from .sources.multi import source_label
+
+        spaces = self._namespaces(server, src)
+        mounts = sum(n.mounts for n in spaces)
+        subs = server.broker.subscribers
+        return (
+            f"{source_label(src)}: {len(spaces)} namespace{'s' if len(spaces) != 1 else ''}, "
+            f"{mounts} mounts; {subs} subscriber{'s' if subs != 1 else ''}; "
+            f"{self.events} events; seq {server.broker.last_seq}"
+        )
+
+    def ready(self) -> None:
+        """READY=1 (Type=notify), with the counts: the source is armed, the first table
+        built, the listeners open and the signals handled."""
+        systemd.ready(self.status_line())
+
+    def stopping(self, why: str) -> None:
+        """Tell systemd we are going (once)."""
+        if not self._stopping:
+            self._stopping = True
+            systemd.stopping(why)
+
+    async def _heartbeat(self, every: float, watchdog: bool) -> None:
+        while True:
+            await anyio.sleep(every)
+            status = " ".join(self.status_line().split())
+            systemd.notify(f"WATCHDOG=1\nSTATUS={status}" if watchdog else f"STATUS={status}")
+
+    @contextlib.asynccontextmanager
+    async def running(
+        self, server: Server, src: Source, listeners: Iterable[_Listener]
+    ) -> AsyncIterator[None]:
+        """Around Server.run: the metrics listener and the watchdog; STOPPING=1 on the
+        way out (if the signal handler has not sent it). Server.run calls `ready()`."""
+        self._server, self._src = server, src
+        self.listeners = [_bound(lst) for lst in listeners]
+        async with anyio.create_task_group() as tg:
+            if self.metrics is not None and self.metrics_addr is not None:
+                self.metrics.attach(server.broker)
+                host, port = self.metrics_addr
+                try:
+                    bound = await tg.start(serve_metrics, self.metrics, host, port)
+                except OSError as e:
+                    raise AmountdError(
+                        f"cannot serve metrics on {host}:{port}: {e.strerror or e}"
+                    ) from None
+                shown = f"[{host}]" if ":" in host else host
+                log.info("metrics on http://%s:%d/metrics", shown, bound)
+            interval = systemd.watchdog_interval()
+            if interval is not None:
+                tg.start_soon(self._heartbeat, interval / 2, True)
+            elif os.environ.get("NOTIFY_SOCKET"):
+                tg.start_soon(self._heartbeat, STATUS_EVERY, False)
+            try:
+                yield
+            finally:
+                self.stopping(f"stopping: {server.stop_reason}")
+                tg.cancel_scope.cancel()
+
+    # --- SIGHUP -------------------------------------------------------------------------
+
+    def reload(self, server: Server) -> None:
+        """Re-read the settings; apply the live keys, log the others. Never raises: a
+        bad file keeps the running settings."""
+        old = self.settings
+        if self._reload is None or old is None:
+            log.info("SIGHUP: no settings to re-read (serve() was called without any)")
+            return
+        try:
+            new = self._reload()
+        except AmountdError as e:
+            log.error("SIGHUP: %s; the running settings are kept", e)  # noqa: TRY400
+            return
+        now, later = reloadable(old, new)
+        if later:
+            log.warning(
+                "SIGHUP: %s changed; that needs a restart (systemctl restart amountd)",
+                ", ".join(later),
+            )
+        if not now:
+            log.info("SIGHUP: nothing to change now")
+            return
+        import msgspec
+
+        if "log_level" in now or "log_format" in now:
+            setup_logging(new.log_level, new.log_format)
+        if "queue" in now:
+            server.broker.queue_limit = new.queue
+        if "filter" in now:
+            self.rescope(server, new.filter.to_filter())
+        self.settings = msgspec.structs.replace(old, **{k: getattr(new, k) for k in now})
+        log.info("SIGHUP: applied %s", ", ".join(f"{k}={_show(getattr(new, k))}" for k in now))
+
+    def rescope(self, server: Server, scope: Filter | None) -> None:
+        """A new server-wide filter: `resync`, then the events from the old view of the
+        table to the new one, published in one go (no await: the table stays as of the
+        last seq), so every subscriber's table follows without a reconnect."""
+        table = server.table.mounts()
+        before = MountTable(filter_mounts(self.scope, table))
+        after = MountTable(filter_mounts(scope, table))
+        self.scope = scope
+        events = diff(before, after, via="resync", time=time.time())
+        if not events:
+            return
+        publish = server.broker.publish
+        publish(Resync(seq=0, reason="filter-changed"))
+        self._count_resync("filter-changed")
+        for ev in events:
+            publish(ev)
+            self.events += 1
+            if self.metrics is not None:
+                self.metrics.events.inc(ev.action, ev.via)
+
+    # --- status -------------------------------------------------------------------------
+
+    async def answer_status(
+        self,
+        server: Server,
+        stream: anyio.abc.ByteStream,
+        req: StatusRequest,
+        sock: socket.socket | None,
+        *,
+        token: bool,
+    ) -> None:
+        """One `status` frame, then close. Raises ProtocolError ("forbidden") before
+        sending anything to a peer that may not see the whole server."""
+        allowed = token or await anyio.to_thread.run_sync(_sees_everything, sock, server.socket_gid)
+        if not allowed:
+            raise ProtocolError(
+                "forbidden",
+                "the server's status is for root, members of the socket's group, and "
+                "clients that send the token",
+            )
+        frame = self.status(server)
+        await stream.send(encode_frame(req.format, frame))
+        with contextlib.suppress(NotImplementedError):
+            await stream.send_eof()
+
+    def status(self, server: Server) -> Status:
+        """The state of the server now (one consistent view: no await in here)."""
+        from . import __version__
+        from .server import _describe
+        from .sources.multi import source_label
+
+        broker = server.broker
+        stats = broker.stats()
+        subs = {s.id: s for s in broker.subscriptions()}
+        src = self._src
+        return Status(
+            version=__version__,
+            pid=os.getpid(),
+            uptime=round(time.monotonic() - self.started, 3),
+            source=source_label(src) if src is not None else "",
+            reason=src.reason if src is not None else None,
+            listeners=list(self.listeners),
+            namespaces=self._namespaces(server, src) if src is not None else [],
+            seq=stats.last_seq,
+            events=self.events,
+            resyncs=self.resyncs,
+            overflows=self.overflows,
+            drops=stats.drops,
+            subscribers=stats.subscribers,
+            subscriber=[
+                SubscriberStatus(
+                    id=st.id,
+                    peer=self._peers.get(subs[st.id], "?") if st.id in subs else "?",
+                    format=st.format,
+                    filter=_describe(subs[st.id].request.filter).removeprefix(", ")
+                    if st.id in subs
+                    else "",
+                    queued=st.queued,
+                    lag=st.lag,
+                    drops=st.drops,
+                    delivered=st.delivered,
+                )
+                for st in sorted(stats.subscriber, key=lambda s: s.id)
+            ],
+        )
+
+    @staticmethod
+    def _namespaces(server: Server, src: Source) -> list[NamespaceStatus]:
+        from .sources.multi import MultiSource
+
+        if not isinstance(src, MultiSource):
+            return [NamespaceStatus(ns_id=src.ns_id, mounts=len(server.table))]
+        counts: dict[int | None, int] = dict.fromkeys(src.ns_ids, 0)
+        for m in server.table:
+            counts[m.ns_id] = counts.get(m.ns_id, 0) + 1
+        return [
+            NamespaceStatus(ns_id=ns_id, mounts=n)
+            for ns_id, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        ]
+
+
+def _sees_everything(sock: socket.socket | None, socket_gid: int | None) -> bool:
+    """Root, or the socket's group (Unix); root (loopback TCP, found in /proc/net/tcp)."""
+    if sock is None:
+        return False
+    try:
+        if sock.family == socket.AF_UNIX:
+            return sees_all(unix_peer(sock), socket_gid)
+        return tcp_peer_uid(sock) == 0
+    except OSError:
+        return False
+
+
+def _bound(lst: _Listener) -> str:
+    """A listener as `status` shows it: TCP with the port it got (`--tcp HOST:0`)."""
+    if not lst.name.startswith(("tcp:", "tls:")):
+        return lst.name
+    inner = getattr(lst.listener, "listener", lst.listener)  # TLS wraps the TCP one
+    names = []
+    for one in getattr(inner, "listeners", [inner]):  # a name with v4 and v6 addresses
+        try:
+            host, port = one.extra(anyio.abc.SocketAttribute.local_address)[:2]
+        except (anyio.TypedAttributeLookupError, TypeError, ValueError):
+            return lst.name
+        names.append(f"{lst.name[:3]}://{f'[{host}]' if ':' in host else host}:{port}")
+    return ", ".join(names) or lst.name
+
+
+def _show(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
