@@ -327,7 +327,7 @@ class _Client:
                         raise ClientError(
                             f"the server refused: {frame.message} ({frame.code})", frame.code
                         )
-                    elif isinstance(frame, End):
+                    elif isinstance(frame, End) and frame.ns_id is None:  # else: one namespace
                         if self.reconnect and frame.reason.startswith(STOPPING):
                             raise _Dropped(frame.reason, stopping=frame)
                         await send.send(frame)

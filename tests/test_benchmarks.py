@@ -12,12 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.common import Table, format_table
+from benchmarks.serving import JsonCounter, MsgpackCounter, percentile
 
 REPO = Path(__file__).resolve().parent.parent
 CAN_RUN = os.geteuid() == 0 and all(shutil.which(t) for t in ("unshare", "nsenter", "findmnt"))
@@ -42,7 +44,7 @@ def test_list_names_every_benchmark() -> None:
     res = _bench("--list")
     assert res.returncode == 0, res.stderr
     names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
-    assert names == ["cpu_per_change", "overflow"]
+    assert names == ["cpu_per_change", "fanout", "latency", "memory", "overflow"]
 
 
 def test_unknown_benchmark_is_a_usage_error() -> None:
@@ -82,6 +84,7 @@ def _load(out: Path, name: str) -> dict[str, Any]:
     assert isinstance(m["cores"], int) and m["cores"] > 0
     assert isinstance(doc["started"], str)
     assert _number(doc["wall_s"])
+    assert set(doc["loadavg"]) == {"before", "after"}  # how busy the machine was
     assert doc["params"]["quick"] is True
     assert isinstance(doc["records"], list) and doc["records"]
     assert isinstance(doc["notes"], list)
@@ -94,7 +97,11 @@ def test_quick_prints_machine_and_tables(quick_results: tuple[Path, str]) -> Non
     assert "CPU per change" in stdout
     assert "Ratios of CPU per change" in stdout
     assert "Overflow recovery" in stdout
-    for name in ("cpu_per_change", "overflow"):
+    assert "Mount-to-subscriber latency" in stdout
+    assert "Fan-out" in stdout
+    assert "Server memory" in stdout
+    for name in ("cpu_per_change", "fanout", "latency", "memory", "overflow"):
+        assert (out / f"{name}.txt").read_text(encoding="utf-8").startswith("machine: ")
         png = out / f"{name}.png"
         assert png.exists() or "plot skipped: matplotlib is missing" in stdout
         if png.exists():
@@ -151,3 +158,137 @@ def test_quick_overflow_recovers_to_the_kernels_table(quick_results: tuple[Path,
             # 20,000 attaches in one syscall, the reader held busy: a 16,384-event
             # queue overflows, and the table above came back through resync.
             assert r["resyncs"] >= 1, r
+
+
+def _ordered(r: dict[str, Any], prefix: str = "") -> None:
+    """p50 <= p90 <= p99 <= max: a property of any sample, not a timing."""
+    vals = [r[f"{prefix}{k}_us"] for k in ("min", "p50", "p90", "p99", "max")]
+    assert all(_number(v) for v in vals), (prefix, r)
+    assert vals == sorted(vals), (prefix, vals)
+
+
+def test_quick_latency_is_well_formed(quick_results: tuple[Path, str]) -> None:
+    doc = _load(quick_results[0], "latency")
+    p = doc["params"]
+    rows = [(r["size"], r["source"], r["client"]) for r in doc["records"]]
+    assert sorted(rows) == sorted(
+        (n, s, c) for n in p["sizes"] for s in p["sources"] for c in p["clients"]
+    )
+    assert set(p["sources"]) == {"fanotify", "mountinfo"}
+    for r in doc["records"]:
+        assert r["mounts"] >= r["size"] > 0
+        assert r["changes"] == 2 * r["mount_syscalls"] > 0
+        assert 0 <= r["mounts_arrived"] <= r["mount_syscalls"]
+        assert r["arrived"] + r["missing"] == r["changes"]
+        assert len(r["latencies_us"]) == r["mounts_arrived"]
+        assert all(_number(v) for v in r["latencies_us"] + r["umount_latencies_us"])
+        assert _number(r["gap_ms"]) and r["gap_ms"] > 0
+        if r["source"] == "fanotify":
+            # Paced, one change at a time: fanotify reports every one of them.
+            assert r["missing"] == 0, r
+        if r["mounts_arrived"]:
+            for prefix in ("", "from_call_", "mount_syscall_"):
+                _ordered(r, prefix)
+        if r["client"] == "watch":
+            assert r["server_cpu_per_change_us"] is None
+        else:
+            assert _number(r["server_cpu_per_change_us"])
+    t = doc["summary"]["target"]
+    assert isinstance(t["p50_met"], bool) and isinstance(t["p99_met"], bool)
+
+
+def test_quick_fanout_is_well_formed(quick_results: tuple[Path, str]) -> None:
+    doc = _load(quick_results[0], "fanout")
+    p = doc["params"]
+    assert set(p["formats"]) == {"json", "msgpack"}
+    rows = [(r["format"], r["subscribers"]) for r in doc["records"]]
+    assert sorted(rows) == sorted((f, k) for f in p["formats"] for k in p["subscribers"])
+    for r in doc["records"]:
+        k = r["subscribers"]
+        assert r["events"] == p["events"][str(k)]
+        assert 0 < r["frames_delivered"] <= r["events"] * k
+        assert 1 <= r["client_procs"] <= k
+        assert isinstance(r["resyncs"], int) and r["resyncs"] >= 0
+        assert 0 <= r["resynced_subscribers"] <= k
+        if r["resyncs"] == 0:
+            # Nobody lagged: every subscriber had every event of the burst.
+            assert r["complete"] == k and r["frames_delivered"] == r["events"] * k, r
+        for key in ("frames_per_s", "events_in_per_s", "server_cpu_per_frame_us", "window_s"):
+            assert _number(r[key]) and r[key] >= 0, (key, r)
+        for key in ("max_lag_events", "end_lag_events"):
+            assert r[key] is None or (isinstance(r[key], int) and r[key] >= 0), (key, r)
+        assert set(r["curves"]) == {"fastest", "slowest"}
+    assert isinstance(doc["summary"]["target"]["met"], bool)
+
+
+def test_quick_memory_is_well_formed(quick_results: tuple[Path, str]) -> None:
+    doc = _load(quick_results[0], "memory")
+    recs = doc["records"]
+    groups = {(r["server"], r["snapshot"]) for r in recs}
+    assert {("amountd", False), ("amountd", True)} <= groups
+    for server, snapshot in groups:
+        stages = [r["stage"] for r in recs if (r["server"], r["snapshot"]) == (server, snapshot)]
+        assert len(stages) == 4 and stages[0] == "serving, no subscriber"
+    for r in recs:
+        assert r["mounts"] >= r["size"] > 0
+        for key in ("vmrss_kib", "vmhwm_kib", "rss_anon_kib", "rss_file_kib"):
+            assert isinstance(r[key], int) and r[key] > 0, (key, r)
+        assert r["vmhwm_kib"] >= r["vmrss_kib"]  # the peak, read with the current size
+        if "burst_events" in r:
+            assert r["frames_delivered"] <= r["burst_events"] * doc["params"]["subscribers"]
+    for t in doc["summary"]["targets"]:
+        assert isinstance(t["met"], bool) and _number(t["vmhwm_mib"])
+
+
+def test_percentile_is_a_nearest_rank() -> None:
+    v = [float(i) for i in range(1, 101)]
+    assert percentile(v, 50) == 50.0
+    assert percentile(v, 99) == 99.0
+    assert percentile(v, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0
+
+
+def _frames(kinds: list[str]) -> list[Any]:
+    from amountd.model import Event, Mount, Ready, Resync, Snapshot, fspath
+
+    m = Mount(
+        id=2**40,
+        legacy_id=30,
+        parent_id=2**40 - 1,
+        legacy_parent_id=29,
+        ns_id=1,
+        target=fspath(b"/x"),
+        root=fspath(b"/"),
+        source=fspath(b"tmpfs"),
+        fstype="tmpfs",
+        options="rw",
+        fs_options=fspath(b"rw"),
+        propagation="",
+        dev="0:50",
+    )
+    make: dict[str, Callable[[], Any]] = {
+        "ready": lambda: Ready(source="fanotify", ns_id=1, reason=None),
+        "resync": lambda: Resync(seq=2**50, reason="lagged"),
+        "snapshot": lambda: Snapshot(seq=2**50, ns_id=1, mounts=[m] * 3),
+        "event": lambda: Event(seq=2**50, time=1.0, action="mount", via="fanotify", mount=m),
+    }
+    return [make[k]() for k in kinds]
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5, 7, 13, 64, 1 << 20])
+def test_counters_count_frames_by_type_across_any_cut(cut: int) -> None:
+    kinds = ["ready", "event", "event", "resync", "snapshot", "event", "event", "event"]
+    from amountd.protocol import frame_json, frame_msgpack
+
+    frames = _frames(kinds)
+    for counter, data in (
+        (MsgpackCounter(), b"".join(frame_msgpack(f) for f in frames)),
+        (JsonCounter(), b"".join(frame_json(f) for f in frames)),
+    ):
+        for i in range(0, len(data), cut):
+            counter.feed(data[i : i + cut])
+        assert counter.kinds["event"] == 5, type(counter)
+        assert counter.kinds["ready"] == 1
+        assert counter.kinds["resync"] == 1
+        assert counter.kinds["snapshot"] == 1
