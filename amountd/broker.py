@@ -118,6 +118,9 @@ class _Group:
             t.set()
 
 
+_BIG = 64 * 1024  # a chunk this large is sent as it is, never joined with others
+
+
 class Subscription:
     """One subscriber's view: an async iterator of encoded chunks, ready to write out.
 
@@ -140,6 +143,7 @@ class Subscription:
         # (and publish stops queueing for it): a lag, an expired `since`, or the first
         # read of a subscriber that asked for a snapshot.
         self._skip = False
+        self._stash: list[bytes] = []  # what follows a large chunk, handed over next
         self._resync_reason: str | None = None
         self._ready_sent = False
         self._end: _Item | None = None
@@ -183,7 +187,15 @@ class Subscription:
 
     def _collect(self) -> bytes | None:
         """Everything this subscriber can be handed now, as one bytes (or None)."""
-        if self._done or self._closed:
+        if self._closed:
+            return None
+        if self._stash:  # the rest of an earlier collect, in order
+            stash = self._stash
+            if len(stash[0]) > _BIG:
+                return stash.pop(0)
+            self._stash = []
+            return stash[0] if len(stash) == 1 else b"".join(stash)
+        if self._done:
             return None
         broker = self._broker
         fmt = self.format
@@ -220,7 +232,17 @@ class Subscription:
         if not parts:
             return None
         self.delivered += len(parts)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            return parts[0]
+        # A snapshot is large and shared by a whole group of subscribers: hand it over as
+        # a chunk of its own, not copied into a join for each of them.
+        big = next((i for i, p in enumerate(parts) if len(p) > _BIG), None)
+        if big is None:
+            return b"".join(parts)
+        self._stash = parts[big:]
+        if big:
+            return b"".join(parts[:big])
+        return self._stash.pop(0)
 
     def _collect_replay(self, replay: deque[_Item], parts: list[bytes]) -> None:
         """Up to a queue's worth of ring frames, filtered like live ones."""

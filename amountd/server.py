@@ -518,6 +518,7 @@ class Server:
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 return
             await stream.send(chunk)
+            del chunk  # an idle subscriber must not pin its last chunk (maybe a snapshot)
 
     async def _watch_peer(self, stream: anyio.abc.ByteStream, sub: Subscription) -> None:
         """Notice a peer that leaves while nothing is being sent, and close its

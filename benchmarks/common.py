@@ -42,6 +42,7 @@ __all__ = [
     "Watcher",
     "can_run",
     "format_table",
+    "loadavg",
     "machine",
     "machine_line",
     "register",
@@ -105,6 +106,15 @@ def _util_linux_version() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.decode(errors="replace").strip().rsplit(" ", 1)[-1] or "unknown"
+
+
+def loadavg() -> str:
+    """/proc/loadavg's 1, 5 and 15 minute loads: how busy the machine was around a run."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def machine_line(m: dict[str, Any]) -> str:
@@ -426,8 +436,15 @@ def register(
     return deco
 
 
-def write_json(result: Result, out_dir: Path, *, started: float, wall_s: float) -> Path:
-    """benchmarks/results/NAME.json: the machine, the parameters, every record."""
+def write_json(
+    result: Result,
+    out_dir: Path,
+    *,
+    started: float,
+    wall_s: float,
+    load: dict[str, str] | None = None,
+) -> Path:
+    """benchmarks/results/NAME.json: the machine, the load, the parameters, every record."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{result.name}.json"
     doc = {
@@ -435,6 +452,7 @@ def write_json(result: Result, out_dir: Path, *, started: float, wall_s: float) 
         "machine": machine(),
         "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
         "wall_s": round(wall_s, 3),
+        "loadavg": load or {},
         "params": result.params,
         "records": result.records,
         "summary": result.summary,

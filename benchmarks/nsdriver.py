@@ -8,6 +8,9 @@
     python nsdriver.py rbind DIR          mount --rbind DIR/t DIR/r: 1 + N mounts in ONE syscall
     python nsdriver.py up DIR             one tmpfs mount on DIR/p
     python nsdriver.py down DIR           umount DIR/p
+    python nsdriver.py timed DIR K GAP TAG  K tmpfs mount+umount pairs, each at its own
+                                          DIR/TAG/I, GAP seconds before every syscall;
+                                          "stamps": [t_call, t_return] of each syscall
 
 Each op prints one JSON line: {"start": T0, "end": T1, "changes": C}, CLOCK_MONOTONIC
 seconds around its mount syscalls (one clock for every namespace, so the benchmark can
@@ -88,6 +91,26 @@ def pairs(d: bytes, k: int, gap: float) -> tuple[float, float]:
     return t0, time.monotonic()
 
 
+def timed(d: bytes, k: int, gap: float, tag: bytes) -> tuple[float, float, list[list[float]]]:
+    """Mount then umount DIR/TAG/I, one change every `gap` s, each syscall's clock
+    read just before the call and just after it returns (the latency benchmark)."""
+    targets = _dirs(d + b"/" + tag, k)
+    stamps: list[list[float]] = []
+    t0 = time.monotonic()
+    for p in targets:
+        time.sleep(gap)
+        a = time.monotonic()
+        mount(b"lat", p, b"tmpfs")
+        b = time.monotonic()
+        stamps.append([a, b])
+        time.sleep(gap)
+        a = time.monotonic()
+        umount(p)
+        b = time.monotonic()
+        stamps.append([a, b])
+    return t0, time.monotonic(), stamps
+
+
 def _sleep_until(t: float) -> None:
     left = t - time.monotonic()
     if left > 0:
@@ -130,6 +153,11 @@ def main() -> None:
             umount(p)
         t1 = time.monotonic()
         changes = 1
+    elif op == "timed":
+        k, gap, tag = int(sys.argv[3]), float(sys.argv[4]), os.fsencode(sys.argv[5])
+        t0, t1, stamps = timed(d, k, gap, tag)
+        print(json.dumps({"start": t0, "end": t1, "changes": 2 * k, "stamps": stamps}))
+        return
     else:
         raise SystemExit(f"unknown op {op}")
     print(json.dumps({"start": t0, "end": t1, "changes": changes}), flush=True)

@@ -2,9 +2,9 @@
 
 Each benchmark in the registry (common.BENCHMARKS, filled as the modules below are
 imported) prints its tables and writes NAME.json, NAME.txt (the tables) and NAME.png
-(with matplotlib, the optional extra `bench`) to benchmarks/results/. A benchmark added
-later (latency through the server, fan-out, memory) is a module whose `run(opts)`
-returns a Result and which calls `register(name, title, plot=...)(run)`, imported here.
+(with matplotlib, the optional extra `bench`) to benchmarks/results/. A benchmark is a
+module whose `run(opts)` returns a Result and which calls
+`register(name, title, plot=...)(run)`, imported here; they run in the order imported.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cpu_per_change, overflow  # noqa: F401  (they register themselves)
+from . import (  # noqa: F401  (they register themselves)
+    cpu_per_change,
+    fanout,
+    latency,
+    memory,
+    overflow,
+)
 from .common import (
     BENCHMARKS,
     RESULTS,
@@ -23,6 +29,7 @@ from .common import (
     Options,
     can_run,
     format_table,
+    loadavg,
     machine,
     machine_line,
     write_json,
@@ -72,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.names or list(BENCHMARKS):
         bench = BENCHMARKS[name]
         print(f"== {bench.name}: {bench.title}", flush=True)
+        load_before = loadavg()
         started = time.time()
         t0 = time.monotonic()
         try:
@@ -81,12 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed += 1
             continue
         wall = time.monotonic() - t0
+        load = {"before": load_before, "after": loadavg()}
         text = "\n\n".join(format_table(t) for t in result.tables) + "\n"
         text += "".join(f"note: {note}\n" for note in result.notes)
         print(text)
-        path = write_json(result, args.out, started=started, wall_s=wall)
+        path = write_json(result, args.out, started=started, wall_s=wall, load=load)
         txt = path.with_suffix(".txt")
-        txt.write_text(f"machine: {machine_line(machine())}\n\n{text}", encoding="utf-8")
+        head = f"machine: {machine_line(machine())}\n"
+        head += f"load (1, 5, 15 min): {load['before']} before, {load['after']} after\n"
+        txt.write_text(f"{head}\n{text}", encoding="utf-8")
+        print(f"load (1, 5, 15 min): {load['before']} before, {load['after']} after")
         print(f"json: {path}\ntext: {txt}")
         if opts.plots:
             print(write_plot(bench, result, args.out))
