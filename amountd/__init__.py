@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+DEFAULT_SOCKET = "/run/amountd/amountd.sock"  # where `serve` listens and clients look
 
 __all__ = [
+    "DEFAULT_SOCKET",
     "AmountdError",
     "ClientError",
     "End",

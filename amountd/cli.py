@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import IO, Any, NoReturn
 
 from .errors import AmountdError, UsageError
@@ -252,13 +252,11 @@ async def run_until_signal(body: Callable[[], Any], timeout: float | None) -> No
 
 def _cmd_watch(args: argparse.Namespace) -> int:
     from .api import watch
-    from .model import Event
 
     flt = _filter(args)
     out = Output(args.json)
 
     async def body() -> None:
-        n = 0
         async with watch(
             source=args.source,
             ns=args.ns,
@@ -266,15 +264,23 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             filter=flt,
             unlimited_queue=args.unlimited_queue,
         ) as frames:
-            async for frame in frames:
-                out.frame(frame)
-                if isinstance(frame, Event):
-                    n += 1
-                    if args.count is not None and n >= args.count:
-                        return
+            await print_frames(frames, out, args.count)
 
     run(lambda: run_until_signal(body, args.timeout), args.backend)
     return 0
+
+
+async def print_frames(frames: AsyncIterator[Any], out: Output, count: int | None) -> None:
+    """Print frames until the stream ends or `count` events were printed."""
+    from .model import Event
+
+    n = 0
+    async for frame in frames:
+        out.frame(frame)
+        if isinstance(frame, Event):
+            n += 1
+            if count is not None and n >= count:
+                return
 
 
 def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:

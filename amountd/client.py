@@ -29,6 +29,7 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from . import DEFAULT_SOCKET
 from .errors import AmountdError, UsageError
 from .filter import Filter
 from .model import End, Error, Event, Frame, Resync, Snapshot
@@ -49,7 +50,6 @@ __all__ = [
 
 log = logging.getLogger("amountd.client")
 
-DEFAULT_SOCKET = "/run/amountd/amountd.sock"
 STOPPING = "server stopping"
 """The start of the `end` reason a server sends when it stops (not when the namespace
 ends): a reconnecting client takes it as a drop, not as the end of the stream."""

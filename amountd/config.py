@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 import msgspec.toml
 
+from . import DEFAULT_SOCKET
 from .errors import AmountdError, UsageError
 from .filter import Filter
 from .model import Action, fspath
@@ -34,7 +35,6 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/amountd/amountd.toml"
-DEFAULT_SOCKET = "/run/amountd/amountd.sock"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]

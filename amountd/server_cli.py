@@ -10,11 +10,11 @@ import argparse
 import os
 from typing import Any
 
+from . import DEFAULT_SOCKET
 from .errors import AmountdError, UsageError
 
 __all__ = ["add_commands"]
 
-DEFAULT_SOCKET = "/run/amountd/amountd.sock"  # = client.DEFAULT_SOCKET, without importing it
 
 
 def _count(text: str, *, minimum: int) -> int:
@@ -125,16 +125,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="print mount changes from a running `amountd serve`",
         description="The output of `amountd watch`, from a running `amountd serve`.",
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--unix", metavar="PATH", help=f"the server's Unix socket (default: {DEFAULT_SOCKET})"
-    )
-    where.add_argument(
-        "--tcp", metavar="HOST:PORT", type=_hostport, help="the server's TCP address"
-    )
-    p.add_argument("--tls", action="store_true", help="--tcp over TLS (system CAs)")
-    p.add_argument("--tls-ca", metavar="FILE", help="--tcp over TLS, trusting this CA certificate")
-    p.add_argument("--token-file", metavar="FILE", help="send this file's content as the token")
+    add_server_address(p)
     p.add_argument("--json", action="store_true", help="one JSON frame per line")
     p.add_argument("--snapshot", action="store_true", help="print the table first")
     p.add_argument(
@@ -163,19 +154,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return cmd_serve(args)
 
 
-def _read_token(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise AmountdError(f"cannot read the token file {path}: {e.strerror or e}") from None
-    if not token:
-        raise AmountdError(f"the token file {path} is empty")
-    return token
+def add_server_address(p: argparse.ArgumentParser) -> None:
+    """Where a client command finds the server (subscribe, status)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--unix", metavar="PATH", help=f"the server's Unix socket (default: {DEFAULT_SOCKET})"
+    )
+    where.add_argument(
+        "--tcp", metavar="HOST:PORT", type=_hostport, help="the server's TCP address"
+    )
+    p.add_argument("--tls", action="store_true", help="--tcp over TLS (system CAs)")
+    p.add_argument("--tls-ca", metavar="FILE", help="--tcp over TLS, trusting this CA certificate")
+    p.add_argument("--token-file", metavar="FILE", help="send this file's content as the token")
 
 
-def _cmd_subscribe(args: argparse.Namespace) -> int:
-    from .cli import Output, _filter, run, run_until_signal
+def server_address(args: argparse.Namespace) -> tuple[str, str | None, Any]:
+    """(url, token, ssl context) from add_server_address's flags."""
+    from .server import read_token
 
     if (args.tls or args.tls_ca) and args.tcp is None:
         raise UsageError("--tls/--tls-ca apply to --tcp HOST:PORT")
@@ -183,8 +178,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         url = f"{'tls' if args.tls or args.tls_ca else 'tcp'}://{args.tcp}"
     else:
         url = f"unix:{os.path.abspath(args.unix or DEFAULT_SOCKET)}"
-    flt = _filter(args)
-    token = _read_token(args.token_file) if args.token_file else None
+    token = read_token(args.token_file) if args.token_file else None
     ssl_context = None
     if args.tls_ca:
         import ssl
@@ -193,13 +187,19 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
             ssl_context = ssl.create_default_context(cafile=args.tls_ca)
         except (OSError, ssl.SSLError) as e:
             raise AmountdError(f"cannot load the CA certificate {args.tls_ca}: {e}") from None
+    return url, token, ssl_context
+
+
+def _cmd_subscribe(args: argparse.Namespace) -> int:
+    from .cli import Output, _filter, print_frames, run, run_until_signal
+
+    url, token, ssl_context = server_address(args)
+    flt = _filter(args)
     out = Output(args.json)
 
     async def body() -> None:
         from .client import connect
-        from .model import Event
 
-        n = 0
         async with connect(
             url,
             snapshot=args.snapshot,
@@ -210,12 +210,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
             token=token,
             ssl_context=ssl_context,
         ) as frames:
-            async for frame in frames:
-                out.frame(frame)
-                if isinstance(frame, Event):
-                    n += 1
-                    if args.count is not None and n >= args.count:
-                        return
+            await print_frames(frames, out, args.count)
 
     run(lambda: run_until_signal(body, args.timeout), args.backend)
     return 0

@@ -7,16 +7,14 @@ are imported inside the commands so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
-from .errors import AmountdError, UsageError
+from .errors import UsageError
 
 __all__ = ["add_serve_flags", "add_status_command", "cmd_serve"]
 
 DEFAULT_CONFIG = "/etc/amountd/amountd.toml"  # = config.DEFAULT_CONFIG_PATH, not imported
-DEFAULT_SOCKET = "/run/amountd/amountd.sock"
 
 _SETTINGS = (
     "unix",
@@ -106,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_status_command(sub: Any, common: argparse.ArgumentParser) -> None:
     from .cli import _seconds
-    from .server_cli import _hostport
+    from .server_cli import add_server_address
 
     p = sub.add_parser(
         "status",
@@ -116,16 +114,7 @@ def add_status_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "namespaces, its subscribers and how far behind each is, the sequence number, "
         "counts and uptime. For root, members of the socket's group, and token holders.",
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--unix", metavar="PATH", help=f"the server's Unix socket (default: {DEFAULT_SOCKET})"
-    )
-    where.add_argument(
-        "--tcp", metavar="HOST:PORT", type=_hostport, help="the server's TCP address"
-    )
-    p.add_argument("--tls", action="store_true", help="--tcp over TLS (system CAs)")
-    p.add_argument("--tls-ca", metavar="FILE", help="--tcp over TLS, trusting this CA certificate")
-    p.add_argument("--token-file", metavar="FILE", help="send this file's content as the token")
+    add_server_address(p)
     p.add_argument("--json", action="store_true", help="the `status` frame as one JSON object")
     p.add_argument(
         "--timeout",
@@ -139,23 +128,9 @@ def add_status_command(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from .cli import run
-    from .server_cli import _read_token
+    from .server_cli import server_address
 
-    if (args.tls or args.tls_ca) and args.tcp is None:
-        raise UsageError("--tls/--tls-ca apply to --tcp HOST:PORT")
-    if args.tcp is not None:
-        url = f"{'tls' if args.tls or args.tls_ca else 'tcp'}://{args.tcp}"
-    else:
-        url = f"unix:{os.path.abspath(args.unix or DEFAULT_SOCKET)}"
-    token = _read_token(args.token_file) if args.token_file else None
-    ssl_context = None
-    if args.tls_ca:
-        import ssl
-
-        try:
-            ssl_context = ssl.create_default_context(cafile=args.tls_ca)
-        except (OSError, ssl.SSLError) as e:
-            raise AmountdError(f"cannot load the CA certificate {args.tls_ca}: {e}") from None
+    url, token, ssl_context = server_address(args)
 
     async def body() -> None:
         from .model import encode_json
