@@ -99,14 +99,10 @@ class _Metric:
         raise NotImplementedError
 
 
-class Counter(_Metric):
-    """A monotonic count, one series per label tuple (given positionally, in order).
-
-    `fn`, when set (no labels), is asked at scrape time instead: for a total that some
-    other object already keeps (the broker's drop count), at no cost per event.
-    """
-
-    kind = "counter"
+class _Series(_Metric):
+    """One series per label tuple (given positionally, in order), or, with `fn` (and no
+    labels), a value asked for at scrape time: a figure some other object already keeps
+    (the broker's drop count), at no cost per event."""
 
     def __init__(
         self,
@@ -118,22 +114,11 @@ class Counter(_Metric):
     ) -> None:
         super().__init__(name, help, labelnames)
         if fn is not None and self.labelnames:
-            raise ValueError("a callback counter has no labels")
+            raise ValueError(f"a callback {self.kind} has no labels")
         self.fn = fn
         self.values: dict[Labels, int | float] = {}
-        if not self.labelnames:
+        if not self.labelnames and fn is None:
             self.values[()] = 0
-
-    def inc(self, *labels: str) -> None:
-        """Add one (the hot path: one dict update)."""
-        values = self.values
-        values[labels] = values.get(labels, 0) + 1
-
-    def add(self, amount: float, *labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        values = self.values
-        values[labels] = values.get(labels, 0) + amount
 
     def get(self, *labels: str) -> int | float:
         if self.fn is not None:
@@ -149,42 +134,30 @@ class Counter(_Metric):
         ]
 
 
-class Gauge(_Metric):
-    """A value that goes up and down; `fn`, when given, is asked at scrape time instead."""
+class Counter(_Series):
+    """A monotonic count."""
+
+    kind = "counter"
+
+    def inc(self, *labels: str) -> None:
+        """Add one (the hot path: one dict update)."""
+        values = self.values
+        values[labels] = values.get(labels, 0) + 1
+
+    def add(self, amount: float, *labels: str) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+
+class Gauge(_Series):
+    """A value that goes up and down."""
 
     kind = "gauge"
 
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        labelnames: Iterable[str] = (),
-        *,
-        fn: Callable[[], float] | None = None,
-    ) -> None:
-        super().__init__(name, help, labelnames)
-        if fn is not None and self.labelnames:
-            raise ValueError("a callback gauge has no labels")
-        self.fn = fn
-        self.values: dict[Labels, float] = {}
-        if not self.labelnames and fn is None:
-            self.values[()] = 0
-
     def set(self, value: float, *labels: str) -> None:
         self.values[labels] = value
-
-    def get(self, *labels: str) -> float:
-        if self.fn is not None:
-            return self.fn()
-        return self.values.get(labels, 0)
-
-    def samples(self) -> list[str]:
-        if self.fn is not None:
-            return _callback_sample(self.name, self.fn)
-        return [
-            f"{self.name}{_labels(self.labelnames, key)} {_value(v)}"
-            for key, v in sorted(self.values.items())
-        ]
 
 
 class Histogram(_Metric):
