@@ -5,11 +5,13 @@ subscriber over a raw socket that keeps reading after one namespace's `end`
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import anyio
 import anyio.abc
@@ -41,8 +43,13 @@ class Serve:
         self.args = args
         self.log = sock.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
 
-    def start(self, timeout: float = 60) -> Serve:
+    def start(self, timeout: float = 60) -> Self:
+        """Start (or start again, with a log of its own per run) and wait until every
+        listener is open."""
+        self.runs += 1
+        self.log = self.sock.with_suffix(f".{self.runs}.log")
         cmd = [sys.executable, "-m", "amountd", "serve", "--backend", self.backend]
         cmd += ["--unix", str(self.sock), *self.args]
         with open(self.log, "wb") as log:
@@ -73,6 +80,15 @@ class Serve:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def tcp_port(self) -> int:
+        m = re.search(r"listening on (?:tcp|tls)://127\.0\.0\.1:(\d+)", self.text())
+        assert m, self.text()
+        return int(m.group(1))
 
     def status(self, field: str) -> int:
         """A `kB` line of /proc/PID/status (VmRSS, VmHWM)."""

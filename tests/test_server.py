@@ -17,7 +17,6 @@ import ssl
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from amountd.sources.fanotify import read_kernel_table
 from amountd.table import MountTable, apply_frame
 
 from .conftest import PrivateNs, next_events, next_frames, no_more_frames, run_cli
+from .multihelp import Serve
 
 pytestmark = pytest.mark.anyio
 
@@ -59,66 +59,17 @@ def kernel_table(ns: PrivateNs) -> MountTable:
 ServerFactory = Callable[..., "Server"]
 
 
-class Server:
+class Server(Serve):
     """`python -m amountd serve --unix DIR/amountd.sock --ns PID`, logging to a file."""
 
     def __init__(self, ns: PrivateNs, tmp: Path, backend: str, *extra: str) -> None:
+        super().__init__(tmp / "amountd.sock", backend, "--ns", str(ns.pid), *extra)
         self.ns = ns
         self.tmp = tmp
-        self.backend = backend
-        self.extra = extra
-        self.sock = tmp / "amountd.sock"
         self.url = f"unix:{self.sock}"
-        self.runs = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tmp / "serve-0.log"
-
-    def start(self) -> Server:
-        self.runs += 1
-        self.log = self.tmp / f"serve-{self.runs}.log"
-        cmd = [sys.executable, "-m", "amountd", "serve", "--backend", self.backend]
-        cmd += ["--unix", str(self.sock), "--ns", str(self.ns.pid), *self.extra]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while "serving on " not in self.text():  # every listener is open
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"amountd serve did not start:\n{self.text()}")
-            time.sleep(0.01)
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def tcp_port(self) -> int:
-        m = re.search(r"listening on (?:tcp|tls)://127\.0\.0\.1:(\d+)", self.text())
-        assert m, self.text()
-        return int(m.group(1))
 
     def rss_kib(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 15) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        return self.status("VmRSS")
 
 
 @pytest.fixture
