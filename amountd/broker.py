@@ -119,6 +119,8 @@ class _Group:
 
 
 _BIG = 64 * 1024  # a chunk this large is sent as it is, never joined with others
+_NS_ENDS = 4096  # namespace `end`s kept for subscribers that lag or resume past them
+_NsEnd = tuple[int, int, int | None, _Item]
 
 
 class Subscription:
@@ -150,6 +152,11 @@ class Subscription:
         self._done = False
         self._closed = False
         self._sent_seq = broker.last_seq
+        # Namespace `end`s (broker._ns_ends indexes) from here on are this subscriber's
+        # to be told of; a resync hands out those its dropped queue held.
+        self._end_mark = broker._ns_end_count
+        self._replay_ends: deque[_NsEnd] | None = None
+        self._resync_since: int | None = None
         self.drops = 0
         self.delivered = 0
 
@@ -209,14 +216,33 @@ class Subscription:
                 self._resync_reason = None
             parts.append(broker._snapshot_bytes(fmt, self._group))
             self._skip = False
+            # The namespaces that ended in what this subscriber missed: the snapshot
+            # no longer holds them, and `end` says why.
+            since = self._resync_since
+            self._resync_since = None
+            self._replay_ends = None
+            matches = self._group.filter.ns_matches
+            ended = [
+                item
+                for idx, at, ns, item in broker._ns_ends
+                if (idx >= self._end_mark if since is None else at >= since) and matches(ns)
+            ]
+            self._end_mark = broker._ns_end_count
+        else:
+            ended = []
         if not self._ready_sent:
             parts.append(broker._ready_bytes(fmt))
             self._ready_sent = True
+        for item in ended:
+            parts.append(item.encoded(fmt))
         replay = self._replay
         if replay is not None:
             self._collect_replay(replay, parts)
             if not replay:
                 self._replay = None
+                ends = self._replay_ends
+                while ends:
+                    parts.append(ends.popleft()[3].encoded(fmt))
         if self._replay is None:
             queue = self._queue
             if queue:
@@ -224,6 +250,7 @@ class Subscription:
                     parts.append(item.encoded(fmt))
                 queue.clear()
             self._sent_seq = broker.last_seq
+            self._end_mark = broker._ns_end_count
             if self._end is not None:
                 parts.append(self._end.encoded(fmt))
                 self._end = None
@@ -249,9 +276,12 @@ class Subscription:
         group = self._group
         fmt = self.format
         n = self._limit
+        ends = self._replay_ends
         while replay and n > 0:
             item = replay.popleft()
             n -= 1
+            while ends and ends[0][1] < item.seq:  # it ended before this frame came
+                parts.append(ends.popleft()[3].encoded(fmt))
             frame = item.frame
             self._sent_seq = item.seq
             if not group.empty and type(frame) is Event:
@@ -345,6 +375,11 @@ class Broker:
         self._source = source
         self._reason = reason
         self._ready: dict[str, bytes] = {}
+        # Recent namespace `end`s as (index, last_seq when published, ns_id, item): one
+        # that lagged or resumes with `since` is told of the namespaces that ended in
+        # what it missed, though `end` has no seq and is not in the ring.
+        self._ns_ends: deque[_NsEnd] = deque(maxlen=_NS_ENDS)
+        self._ns_end_count = 0
         self._snapshots: dict[tuple[str, Any], tuple[int, bytes]] = {}
 
     # --- the source's side -------------------------------------------------------------
@@ -411,6 +446,9 @@ class Broker:
     def _lag(self, sub: Subscription) -> None:
         sub._queue.clear()
         sub._replay = None
+        if sub._replay_ends:  # the replay's `end`s not handed out yet come with the resync
+            sub._end_mark = min(sub._end_mark, sub._replay_ends[0][0])
+        sub._replay_ends = None
         sub._skip = True
         sub._resync_reason = "lagged"
         sub.drops += 1
@@ -420,9 +458,11 @@ class Broker:
     def _publish_ns_end(self, frame: End) -> None:
         """One namespace of several ended: an ordinary frame, for those who see that
         namespace, and the stream goes on. It has no seq and is kept out of the ring
-        (replay counts ring items by seq): a subscriber resuming with `since` still gets
-        the namespace's last umounts, which come before it, just not the `end` itself."""
+        (replay counts ring items by seq); it is kept in `_ns_ends` instead, for those
+        who resume with `since` or lag past it."""
         item = _Item(frame, self._seq)
+        self._ns_ends.append((self._ns_end_count, self._seq, frame.ns_id, item))
+        self._ns_end_count += 1
         for group in self._groups.values():
             if not group.filter.ns_matches(frame.ns_id):
                 continue
@@ -473,9 +513,15 @@ class Broker:
             if replay is None:
                 sub._skip = True
                 sub._resync_reason = "since-expired"
+                # A `since` from another server run (ahead of us) knows none of our ends.
+                sub._resync_since = req.since if req.since <= self._seq else self._seq + 1
             else:
                 sub._replay = replay
                 sub._sent_seq = req.since
+                f = req.filter
+                sub._replay_ends = deque(
+                    e for e in self._ns_ends if e[1] >= req.since and f.ns_matches(e[2])
+                )
         elif req.snapshot:
             sub._skip = True
         self._groups[key] = group

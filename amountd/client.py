@@ -268,6 +268,9 @@ class _Client:
         self.down_since: float | None = None
         """Since when no connection has brought data (None while one does)."""
         self.delay = 0.05
+        self.ended: set[int] = set()
+        """Namespaces whose `end` was handed on: a resume may bring it again (the server
+        cannot tell whether the `end` after the last seq we saw reached us)."""
 
     async def run(self, conn: anyio.abc.ByteStream, send: MemoryObjectSendStream[Frame]) -> None:
         async with send:
@@ -327,11 +330,16 @@ class _Client:
                         raise ClientError(
                             f"the server refused: {frame.message} ({frame.code})", frame.code
                         )
-                    elif isinstance(frame, End) and frame.ns_id is None:  # else: one namespace
-                        if self.reconnect and frame.reason.startswith(STOPPING):
-                            raise _Dropped(frame.reason, stopping=frame)
-                        await send.send(frame)
-                        return
+                    elif isinstance(frame, End):
+                        if frame.ns_id is not None:  # one namespace of several
+                            if frame.ns_id in self.ended:
+                                continue
+                            self.ended.add(frame.ns_id)
+                        else:
+                            if self.reconnect and frame.reason.startswith(STOPPING):
+                                raise _Dropped(frame.reason, stopping=frame)
+                            await send.send(frame)
+                            return
                     try:
                         send.send_nowait(frame)  # the socket read was the checkpoint
                     except anyio.WouldBlock:

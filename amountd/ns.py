@@ -17,6 +17,7 @@ __all__ = [
     "Namespace",
     "all_namespaces",
     "find_pid",
+    "locate",
     "mntns_id",
     "open_ns",
     "own_ns_id",
@@ -95,6 +96,46 @@ def _pid_of(inode: int, dev: int) -> int | None:
         if st.st_ino == inode and st.st_dev == dev:
             return int(name)
     return None
+
+
+def locate(ns: Namespace) -> Namespace | None:
+    """The namespace as it can be opened now, or None if it is gone. Its file may have
+    gone with the process it was found through while the namespace lives on (another
+    process in it, or none but held by a mount or an fd): then through another process,
+    else by the kernel's walk. Blocking (a /proc scan at worst): run it in a thread."""
+    here = (ns.dev, ns.inode)
+    if ns.path is not None and _stat_key(ns.path) == here:
+        if ns.pid is not None and _stat_key(f"/proc/{ns.pid}/ns/mnt") == here:
+            return ns
+        return msgspec.structs.replace(ns, pid=find_pid(ns))
+    pid = find_pid(ns)
+    if pid is not None:
+        return msgspec.structs.replace(ns, path=f"/proc/{pid}/ns/mnt", pid=pid)
+    if ns.ns_id is not None and ns.ns_id in _listed_ids():
+        return msgspec.structs.replace(ns, path=None, pid=None)
+    return None
+
+
+def _stat_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _listed_ids() -> set[int]:
+    """The IDs of every mount namespace the kernel's walk shows us (empty without it)."""
+    from .kernel import consts as c
+
+    own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ids = {i for i in (mntns_id(own),) if i is not None}
+        for op in (c.NS_MNT_GET_PREV, c.NS_MNT_GET_NEXT):
+            ids.update(ns_id for _fd, ns_id in _walk(own, op))
+    finally:
+        os.close(own)
+    return ids
 
 
 def resolve_ns(spec: str | int | None) -> Namespace:

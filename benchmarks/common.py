@@ -42,6 +42,8 @@ __all__ = [
     "Watcher",
     "can_run",
     "format_table",
+    "left_out",
+    "left_out_note",
     "loadavg",
     "machine",
     "machine_line",
@@ -422,6 +424,21 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def left_out(full: dict[str, Sequence[Any]], used: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
+    """What the default mode measures and this run does not (--quick's smaller set), by
+    parameter: the rows that are missing, said in the JSON rather than left to guess."""
+    out = {key: [v for v in values if v not in used[key]] for key, values in full.items()}
+    return {key: values for key, values in out.items() if values}
+
+
+def left_out_note(missing: dict[str, list[Any]]) -> list[str]:
+    """The note that goes with left_out() (none when nothing is left out)."""
+    if not missing:
+        return []
+    what = "; ".join(f"{key} {', '.join(map(str, vals))}" for key, vals in missing.items())
+    return [f"--quick leaves out (the default mode has them): {what}"]
 
 
 def register(

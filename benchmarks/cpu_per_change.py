@@ -21,6 +21,7 @@ its calibration figures in the isolated and paced rows (marked `calibration`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -36,6 +37,8 @@ from .common import (
     Table,
     Watcher,
     figure,
+    left_out,
+    left_out_note,
     register,
     wait_quiet,
 )
@@ -82,13 +85,13 @@ def start_watcher(source: str, pid: int) -> Watcher:
     return Watcher(source, argv, is_change=_amountd_event, is_ready=_amountd_ready, env=_env())
 
 
-def calibrate(ns: PrivateNs, w: Watcher, quiet: float) -> dict[str, Any]:
+def calibrate(ns: PrivateNs, w: Watcher, quiet: float, step: float = 0.05) -> dict[str, Any]:
     """One change alone, twice: one mount, caught up, one umount, caught up.
 
     Its CPU per change sets the paced gap. It also proves the watcher is polling:
     findmnt says nothing once armed, so a change it missed while starting is retried.
     """
-    wait_quiet(w.cpu_ns, quiet=quiet, limit=600)  # done with its start-up reading
+    wait_quiet(w.cpu_ns, quiet=quiet, step=step, limit=600)  # done with its start-up reading
     for _ in range(5):
         seen = w.changes
         sw0 = w.switches()
@@ -96,10 +99,10 @@ def calibrate(ns: PrivateNs, w: Watcher, quiet: float) -> dict[str, Any]:
         t0 = time.monotonic()
         ns.driver("up")
         got_up = w.wait_changes(seen + 1, timeout=120)
-        wait_quiet(w.cpu_ns, quiet=quiet, limit=600)
+        wait_quiet(w.cpu_ns, quiet=quiet, step=step, limit=600)
         ns.driver("down")
         got_down = w.wait_changes(seen + 2, timeout=120)
-        wait_quiet(w.cpu_ns, quiet=quiet, limit=600)
+        wait_quiet(w.cpu_ns, quiet=quiet, step=step, limit=600)
         cpu1 = w.cpu_ns()
         wall = time.monotonic() - t0
         if got_up and got_down:
@@ -129,7 +132,15 @@ def idle_rate(w: Watcher, seconds: float) -> float:
 
 
 def measure(
-    ns: PrivateNs, w: Watcher, *, pairs: int, gap: float, idle_ns_per_s: float, quiet: float
+    ns: PrivateNs,
+    w: Watcher,
+    *,
+    pairs: int,
+    gap: float,
+    idle_ns_per_s: float,
+    quiet: float,
+    step: float = 0.05,
+    tail: float = 0.2,
 ) -> dict[str, Any]:
     """K pairs at `gap`; the watcher's CPU until it caught up, and what it reported."""
     seen = w.changes
@@ -138,8 +149,8 @@ def measure(
     cpu0 = w.cpu_ns()
     t0 = time.monotonic()
     d = ns.driver("pairs", pairs, gap)
-    caught_up = wait_quiet(w.cpu_ns, quiet=quiet, limit=600)
-    w.wait_changes(seen + made, timeout=0.2)  # let our reader count the last lines
+    caught_up = wait_quiet(w.cpu_ns, quiet=quiet, step=step, limit=600)
+    w.wait_changes(seen + made, timeout=tail)  # let our reader count the last lines
     cpu1 = w.cpu_ns()
     wall = time.monotonic() - t0
     switches = w.switches() - sw0
@@ -162,12 +173,43 @@ def measure(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much to measure: the default mode's figures, or --quick's (seconds in all)."""
+
+    sizes: tuple[int, ...] = (100, 1000, 10000)
+    pairs: int = 500
+    budget: float = 10.0  # seconds of paced changes per row, at most
+    quiet: float = 0.3  # idle this long: the watcher caught up
+    step: float = 0.05  # how often the watcher's CPU is read while waiting for quiet
+    idle_s: float = 1.0
+    rounds: int = 3  # calibration rounds (the median is used)
+    warm_up: bool = True  # one calibration first, thrown away (first-use costs)
+    tail: float = 0.2  # after quiet, how long our reader may take to count the last lines
+    fanotify_tail: float = 0.2  # the same for fanotify, which reports every change
+
+
+# Quick: the watcher's idle rate and "caught up" from 10 ms reads (idle is 0 for all
+# three), no warm-up, 2 isolated pairs; fanotify's tail is long because it reports every
+# change (it returns as soon as they are counted), the re-readers' short (they coalesce).
+QUICK = Plan(
+    sizes=(100, 1000),
+    pairs=20,
+    budget=0.2,
+    quiet=0.05,
+    step=0.01,
+    idle_s=0.05,
+    rounds=1,
+    warm_up=False,
+    tail=0.05,
+    fanotify_tail=2.0,
+)
+
+
 def run(opts: Options) -> Result:
-    sizes: tuple[int, ...]
-    if opts.quick:
-        sizes, pairs, budget, quiet, idle_s, rounds = (100, 1000), 50, 1.0, 0.2, 0.3, 1
-    else:
-        sizes, pairs, budget, quiet, idle_s, rounds = (100, 1000, 10000), 500, 10.0, 0.3, 1.0, 3
+    plan = QUICK if opts.quick else Plan()
+    sizes, pairs, budget, quiet, rounds = plan.sizes, plan.pairs, plan.budget, plan.quiet, plan.rounds
+    step = plan.step
     sources = [s for s in SOURCES if s != "findmnt" or shutil.which("findmnt")]
     notes: list[str] = []
     notes.append(
@@ -176,6 +218,8 @@ def run(opts: Options) -> Result:
     )
     if "findmnt" not in sources:
         notes.append("findmnt (util-linux) is missing: its rows are left out")
+    missing = left_out({"sizes": Plan().sizes}, {"sizes": sizes})
+    notes += left_out_note(missing)
     records: list[dict[str, Any]] = []
     for n in sizes:
         with PrivateNs() as ns:
@@ -184,14 +228,16 @@ def run(opts: Options) -> Result:
             for source in sources:
                 with start_watcher(source, ns.pid) as w:
                     w.wait_ready(60)
-                    calibrate(ns, w, quiet)  # warm-up: first-use costs (imports, caches)
-                    cals = [calibrate(ns, w, quiet)]
+                    if plan.warm_up:  # first-use costs (imports, caches)
+                        calibrate(ns, w, quiet, step)
+                    cals = [calibrate(ns, w, quiet, step)]
                     while len(cals) < rounds and cals[0]["cpu_per_change_us"] < 5e5:
-                        cals.append(calibrate(ns, w, quiet))
+                        cals.append(calibrate(ns, w, quiet, step))
                     cals.sort(key=lambda r: float(r["cpu_per_change_us"]))
                     cal = cals[len(cals) // 2]  # the median: one sweep or hiccup aside
                     cost = float(cal["cpu_per_change_us"]) * 1e3
-                    idle = idle_rate(w, idle_s)
+                    idle = idle_rate(w, plan.idle_s)
+                    tail = plan.fanotify_tail if source == "fanotify" else plan.tail
                     for mode in MODES:
                         gap = (
                             max(MIN_GAPS[mode], GAP_FACTOR * cost / 1e9)
@@ -200,7 +246,16 @@ def run(opts: Options) -> Result:
                         )
                         k = min(pairs, int(budget / (2 * gap))) if gap else pairs
                         if k >= 2:
-                            rec = measure(ns, w, pairs=k, gap=gap, idle_ns_per_s=idle, quiet=quiet)
+                            rec = measure(
+                                ns,
+                                w,
+                                pairs=k,
+                                gap=gap,
+                                idle_ns_per_s=idle,
+                                quiet=quiet,
+                                step=step,
+                                tail=tail,
+                            )
                         else:  # too slow to pace within the budget: each change alone
                             rec = dict(cal, calibration=True)
                         rec.update(
@@ -228,9 +283,13 @@ def run(opts: Options) -> Result:
             "min_gap_ms": {m: g * 1e3 for m, g in MIN_GAPS.items()},
             "gap_factor": GAP_FACTOR,
             "calibration_rounds": rounds,
+            "warm_up": plan.warm_up,
+            "quiet_s": quiet,
+            "idle_s": plan.idle_s,
             "modes": list(MODES),
             "sources": sources,
             "quick": opts.quick,
+            "left_out": missing,
         },
         records=records,
         tables=_tables(records),

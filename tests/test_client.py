@@ -325,6 +325,36 @@ async def test_reconnect_resumes_after_the_last_seq(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_namespaces_end_that_a_resume_brings_again_is_handed_on_once(
+    tmp_path: Path,
+) -> None:
+    gone = End(reason="mount namespace 8 was freed", ns_id=8)
+
+    async def handler(n: int, req: SubscribeRequest, peer: Peer) -> None:
+        if n == 1:
+            await peer.send(READY, ev(11), gone)
+            return  # drop: the server cannot know whether `gone` arrived
+        await peer.send(READY, gone, ev(12), End(reason="mount namespace 9 was freed", ns_id=9))
+        await peer.send(End(reason="done"))
+
+    async with (
+        fake_server(tmp_path / "s", handler) as server,
+        connect(f"unix:{tmp_path / 's'}", reconnect=True, since=10) as frames,
+    ):
+        got = await drain(frames)
+    assert got == [
+        READY,
+        ev(11),
+        gone,
+        READY,
+        ev(12),
+        End(reason="mount namespace 9 was freed", ns_id=9),
+        End(reason="done"),
+    ]
+    assert [r.since for r in server.requests] == [10, 11]
+
+
+@pytest.mark.anyio
 async def test_reconnect_with_the_consumers_own_since(tmp_path: Path) -> None:
     async def handler(n: int, req: SubscribeRequest, peer: Peer) -> None:
         await peer.send(READY, ev(req.since + 1 if req.since is not None else 0))

@@ -5,6 +5,7 @@ namespaces; and a container-like scenario of 50 churned namespaces)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from amountd.broker import Broker, Subscription
@@ -31,6 +33,7 @@ from amountd.model import (
     encode_json,
     fspath,
 )
+from amountd.mountinfo import parse_mountinfo
 from amountd.ns import Namespace
 from amountd.protocol import FrameReader, SubscribeRequest, parse_request
 from amountd.sources import multi
@@ -117,16 +120,67 @@ async def test_broker_delivers_one_namespace_end_as_an_ordinary_frame() -> None:
     assert [type(f) for f in got2] == [Ready, Event, Event]
     assert all(f.mount.ns_id == 2 for f in got2 if isinstance(f, Event))
     assert not everything.finished and not only2.finished
-    # Resuming: the ring replays the numbered frames; the namespace's `end` has no seq.
+    # Resuming: the ring replays the numbered frames, and the namespace's `end` (kept
+    # beside the ring: it has no seq) comes in its place, after the umount before it.
     resumed = broker.subscribe(SubscribeRequest(since=first))
     replayed = await _drain(resumed)
-    assert [type(f) for f in replayed] == [Ready, Event, Resync, Event, Event]
+    assert [type(f) for f in replayed] == [Ready, Event, Resync, Event, End, Event]
+    assert replayed[4] == End(reason="mount namespace 1 was freed", ns_id=1)
+    # ...but not to those who do not see namespace 1, nor after it (since = its last frame
+    # is a resume that may or may not have seen it: it comes again, and a client that
+    # already has it drops it; see the client).
+    assert [type(f) for f in await _drain(broker.subscribe(SubscribeRequest(
+        since=first, filter=Filter(namespaces=[2]))))] == [Ready, Event, Event]  # fmt: skip
+    assert [type(f) for f in await _drain(broker.subscribe(SubscribeRequest(
+        since=broker.last_seq)))] == [Ready]  # fmt: skip
     # An `end` without ns_id is the server stopping: every stream ends.
     broker.publish(End(reason="stopping"))
     assert broker.ended
     for sub in (everything, only2, resumed):
         assert await _drain(sub) == [End(reason="stopping")]
         assert sub.finished
+
+
+@pytest.mark.anyio
+async def test_a_subscriber_that_lagged_past_a_namespaces_end_still_gets_it() -> None:
+    table = MountTable([mnt(1, U + 1, "/"), mnt(2, U + 2, "/")])
+    broker = Broker(table=table.mounts, queue=4)
+    slow = broker.subscribe(SubscribeRequest())
+    only2 = broker.subscribe(SubscribeRequest(filter=Filter(namespaces=[2])))
+    assert [type(f) for f in await _drain(slow)] == [Ready]
+    await _drain(only2)
+    for i in range(3, 10):  # more than the queue holds
+        m = mnt(2, U + i, f"/m{i}")
+        table.add(m)
+        broker.publish(ev(m))
+    table.pop(U + 1)
+    broker.publish(ev(mnt(1, U + 1, "/"), "umount"))
+    broker.publish(End(reason="mount namespace 1 was freed", ns_id=1))
+    got = await _drain(slow)
+    assert [type(f) for f in got] == [Resync, Snapshot, End]
+    assert got[2] == End(reason="mount namespace 1 was freed", ns_id=1)
+    snap = got[1]
+    assert isinstance(snap, Snapshot) and all(m.ns_id == 2 for m in snap.mounts)
+    # Only once: from here on it is live again.
+    broker.publish(ev(mnt(2, U + 20, "/z")))
+    assert [type(f) for f in await _drain(slow)] == [Event]
+    # Another that lagged but does not see namespace 1 gets no `end` (and its snapshot,
+    # taken now, already holds /z).
+    assert [type(f) for f in await _drain(only2)] == [Resync, Snapshot]
+    # A `since` the ring no longer holds: resync, snapshot, ready, and the `end`s after it;
+    # a fresh snapshot subscriber knew nothing of namespace 1, so gets no `end`.
+    ring = Broker(table=table.mounts, ring=2)
+    ring._seq = 100
+    ring.publish(ev(mnt(2, U + 21, "/y")))
+    ring.publish(End(reason="gone", ns_id=1))
+    for i in range(3):
+        ring.publish(ev(mnt(2, U + 30 + i, "/w")))
+    expired = await _drain(ring.subscribe(SubscribeRequest(since=100)))
+    assert [type(f) for f in expired] == [Resync, Snapshot, Ready, End]
+    fresh = await _drain(ring.subscribe(SubscribeRequest(snapshot=True)))
+    assert [type(f) for f in fresh] == [Snapshot, Ready]
+    ahead = await _drain(ring.subscribe(SubscribeRequest(since=10**9)))
+    assert [type(f) for f in ahead] == [Resync, Snapshot, Ready]
 
 
 # --- MultiSource's merging, with scripted sub-sources --------------------------------------
@@ -256,6 +310,109 @@ async def test_merged_stream_ends_when_every_listed_namespace_ended(
     gone = [f for f in got if isinstance(f, Event) and f.via == "resync"]
     assert sorted((e.action, e.mount.target) for e in gone) == [("umount", "/"), ("umount", "/n")]
     assert consumer == MountTable()
+
+
+class Broken(Scripted):
+    """A fanotify-like sub-source that fails after its batches, as a broken fd would."""
+
+    kind = "fanotify"
+
+    async def changes(self) -> AsyncGenerator[list[Change], None]:
+        async for batch in super().changes():
+            yield batch
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+
+class Fan(Scripted):
+    kind = "fanotify"
+
+
+async def _consume(src: MultiSource) -> tuple[list[Change], MountTable]:
+    """Every frame of the merged stream, applied to a consumer's table, which must equal
+    the union after every batch."""
+    got: list[Change] = []
+    consumer = MountTable(src.table)
+    with anyio.fail_after(10):
+        async for batch in src.changes():
+            got += batch
+            for f in batch:
+                consumer = apply_frame(consumer, f)
+            assert consumer == src.table
+    return got, consumer
+
+
+@pytest.mark.anyio
+async def test_a_failing_sub_source_is_renewed_not_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sub-source that fails does not end its namespace (nor the server): a fresh one
+    takes over, and the consumer gets `resync` and the difference."""
+    opened: list[Source] = [
+        Broken(nsp(10), [mnt(10, U + 1, "/"), mnt(10, U + 2, "/m")], [[ev(mnt(10, U + 3, "/k"))]]),
+        Fan(
+            nsp(10),
+            [mnt(10, U + 1, "/"), mnt(10, U + 3, "/k"), mnt(10, U + 4, "/n")],
+            [[ev(mnt(10, U + 5, "/p"))], [End(reason="mount namespace 10 was freed")]],
+        ),
+    ]
+    queue = list(opened)
+
+    async def fake_open(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
+        return queue.pop(0)
+
+    monkeypatch.setattr(multi, "open_one", fake_open)
+    monkeypatch.setattr(multi, "locate", lambda ns: ns)
+    monkeypatch.setattr(multi, "_CALM", 0.0)  # no backoff for a first failure
+    async with MultiSource([nsp(10)]) as src:
+        got, consumer = await _consume(src)
+    assert not queue and all(isinstance(s, Scripted) and s.closed for s in opened)
+    assert [(type(f).__name__, getattr(f, "action", None)) for f in got] == [
+        ("Event", "mount"), ("Resync", None), ("Event", "umount"), ("Event", "mount"),
+        ("Event", "mount"), ("Event", "umount"), ("Event", "umount"), ("Event", "umount"),
+        ("Event", "umount"), ("End", None), ("End", None),
+    ]  # fmt: skip
+    assert got[1] == Resync(seq=0, reason="error", ns_id=10)
+    assert [(f.mount.target, f.via) for f in got[2:4] if isinstance(f, Event)] == [
+        ("/m", "resync"),
+        ("/n", "resync"),
+    ]
+    assert [f for f in got if isinstance(f, End)][0] == End(
+        reason="mount namespace 10 was freed", ns_id=10
+    )
+    assert consumer == MountTable()
+
+
+@pytest.mark.anyio
+async def test_a_mountinfo_watch_follows_its_namespace_to_another_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watched process exits but the namespace lives on: the watch goes on through
+    another process of it (no `end`, no `resync`), until no process is left."""
+    first = Scripted(
+        nsp(10), [mnt(10, 1, "/", legacy=True)], [[End(reason="pid 5 exited")]]
+    )
+    second = Scripted(
+        nsp(10),
+        [mnt(10, 1, "/", legacy=True), mnt(10, 7, "/q", legacy=True)],
+        [[End(reason="pid 6 exited")]],
+    )
+    queue: list[Source] = [first, second]
+    opened_with: list[Namespace] = []
+
+    async def fake_open(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
+        opened_with.append(ns)
+        return queue.pop(0)
+
+    lives = [msgspec.structs.replace(nsp(10), pid=6), None]
+    monkeypatch.setattr(multi, "open_one", fake_open)
+    monkeypatch.setattr(multi, "locate", lambda ns: lives.pop(0))
+    async with MultiSource([nsp(10)], source="mountinfo") as src:
+        got, consumer = await _consume(src)
+    assert [ns.pid for ns in opened_with] == [None, 6]
+    assert not any(isinstance(f, Resync) for f in got)
+    q = got[0]
+    assert isinstance(q, Event) and (q.action, q.mount.target, q.via) == ("mount", "/q", "mountinfo")
+    ends = [f for f in got if isinstance(f, End)]
+    assert ends[0] == End(reason="pid 6 exited", ns_id=10)  # once, when no process is left
+    assert len(ends) == 2 and consumer == MountTable()
 
 
 def test_serve_refuses_ns_with_all_namespaces(tmp_path: Path) -> None:
@@ -395,6 +552,51 @@ async def test_all_namespaces_picks_up_a_namespace_made_later(
         assert srv.running() and not sub.closed
         tg.cancel_scope.cancel()
     await sub.aclose()
+
+
+def mountinfo_table(pid: int, ns_id: int) -> MountTable:
+    with open(f"/proc/{pid}/mountinfo", "rb") as f:
+        return MountTable(parse_mountinfo(f.read(), ns_id=ns_id))
+
+
+@pytest.mark.anyio
+async def test_a_mountinfo_watched_namespace_outlives_its_first_process(
+    make_ns: MakeNs, serve_with: Callable[..., Serve]
+) -> None:
+    """mountinfo reads /proc/PID/: when that process exits but another one is still in
+    the namespace, the server goes on watching through it; `end` comes when none is."""
+    a, b = make_ns(2)
+    ida = ns_id_of(a.pid)
+    srv = serve_with("--ns", str(a.pid), "--ns", str(b.pid), "--source", "mountinfo")
+    sub = await RawSub.open(srv.sock)
+    other = subprocess.Popen(["nsenter", "-t", str(a.pid), "-m", "sleep", "infinity"])
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sub.run)
+            assert sub.ns_table(ida) == mountinfo_table(a.pid, ida)
+            await wait_for(lambda: ns_id_of(other.pid) == ida, what="a second process in A")
+            a.close()  # A's first process; `other` keeps the namespace
+            a.pid = other.pid  # a.run() from here on goes through it
+            a.mkdir(a.path("m"))
+            a.run("mount", "-t", "tmpfs", "m", a.path("m"))
+            await wait_for(
+                lambda: any(e.mount.target == fspath(a.path("m")) for e in sub.events(ida)),
+                what="a mount in A after its first process exited",
+            )
+            assert sub.ns_table(ida) == mountinfo_table(other.pid, ida)
+            assert not sub.ends(ida) and not any(isinstance(f, Resync) for f in sub.frames)
+            assert f"pid {other.pid}" in srv.text()  # says which process it goes on with
+            other.kill()
+            other.wait()
+            await wait_for(lambda: bool(sub.ends(ida)), what="A's end")
+            assert len(sub.ends(ida)) == 1 and not sub.ns_table(ida)
+            assert srv.running() and not sub.closed
+            tg.cancel_scope.cancel()
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+        await sub.aclose()
 
 
 # --- containers: 50 namespaces, churned, one server -----------------------------------------

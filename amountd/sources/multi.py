@@ -54,8 +54,8 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import AmountdError, NamespaceError, UsageError
-from ..model import End, Event, Mount, Resync
-from ..ns import Namespace, _from_pid, _pids_by_inode, _walk, resolve_ns
+from ..model import End, Event, Mount, Resync, Via
+from ..ns import Namespace, _from_pid, _pids_by_inode, _walk, locate, resolve_ns
 from ..ns import all_namespaces as list_namespaces
 from ..table import MountTable, apply, diff
 from .base import Change, Source
@@ -70,11 +70,15 @@ _NOWHERE = Namespace(path=None, pid=None, ns_id=None, inode=0, dev=0)
 _MAX_REASONS = 4
 
 
-class _Stopped:
-    """A sub-source's stream ended without an `end` (not expected; handled as one)."""
+class _Renewed:
+    """A sub-source was replaced by a fresh one (`_renew`); `table` is the new one's
+    table as armed, before any of its batches (which follow in the channel)."""
 
+    __slots__ = ("reason", "table")
 
-_STOPPED = _Stopped()
+    def __init__(self, table: MountTable, reason: str | None) -> None:
+        self.table = table
+        self.reason = reason
 
 
 class _Sub:
@@ -90,7 +94,12 @@ class _Sub:
         return f"mount namespace {self.ns_id} ({self.ns.label})"
 
 
-_Item = tuple[_Sub, list[Change] | BaseException | _Stopped]
+_Item = tuple[_Sub, list[Change] | BaseException | _Renewed]
+
+_CALM = 60.0
+"""A sub-source that failed after running this long is renewed at once; one that fails
+again sooner waits (1 s, doubling up to `_MAX_BACKOFF`) so a fault cannot spin."""
+_MAX_BACKOFF = 30.0
 
 
 async def open_one(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
@@ -326,21 +335,93 @@ class MultiSource(Source):
     # --- the readers ------------------------------------------------------------------
 
     async def _run(self, sub: _Sub) -> None:
-        """One sub-source's batches into the channel; its failure too (this task never
-        fails: the consumer raises it)."""
+        """One sub-source's batches into the channel for as long as its namespace lives.
+
+        A sub-source that fails (or stops) does not end the namespace, nor the server: it
+        is replaced by a fresh one (`_renew`) and the consumer gets `resync` and the
+        difference. A mountinfo watch whose process exits while the namespace lives on
+        (other processes are in it) goes on through another process of it, with no
+        `resync`: the difference is reported like any other mountinfo change. An
+        unexpected error here is handed to the consumer, which raises it."""
         send = self._send
+        backoff = 0.0
         try:
-            async with aclosing(sub.src.changes()) as batches:
-                async for batch in batches:
-                    await send.send((sub, batch))
-                    if any(type(f) is End for f in batch):
-                        return
-            await send.send((sub, _STOPPED))
+            while True:
+                started = anyio.current_time()
+                end: list[Change] | None = None
+                failure: Exception | str | None = None
+                try:
+                    async with aclosing(sub.src.changes()) as batches:
+                        async for batch in batches:
+                            at = next((i for i, f in enumerate(batch) if type(f) is End), None)
+                            if at is not None:
+                                if at:
+                                    await send.send((sub, batch[:at]))
+                                end = batch[at:]
+                                break
+                            await send.send((sub, batch))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    raise  # the consumer is gone
+                except Exception as e:
+                    failure = e
+                if end is not None and sub.src.kind != "mountinfo":
+                    await send.send((sub, end))  # the namespace was freed
+                    return
+                if end is None:  # failed, or stopped without a word
+                    why = failure or "its stream stopped"
+                    log.warning("the watch of %s failed: %s", sub.label, why)
+                    calm = anyio.current_time() - started >= _CALM
+                    backoff = 0.0 if calm else min(max(backoff * 2, 1.0), _MAX_BACKOFF)
+                    await anyio.sleep(backoff)
+                reason = None if end is not None else "error"
+                renewed = await self._renew(sub, reason)
+                if renewed is None:
+                    gone = f"{sub.label} is gone"
+                    await send.send((sub, end or [End(reason=gone)]))
+                    return
+                await send.send((sub, renewed))
         except Exception as e:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await send.send((sub, e))
         finally:
             sub.src.close()
+
+    async def _renew(self, sub: _Sub, reason: str | None) -> _Renewed | None:
+        """A fresh sub-source for `sub`'s namespace in place of its current one (found
+        again through a live process of it, or the kernel's walk); None once the
+        namespace is gone. Opening is retried (with backoff) while it fails."""
+        delay = 1.0
+        sub.src.close()  # an open mountinfo file would keep the namespace alive
+        while True:
+            ns = await anyio.to_thread.run_sync(locate, sub.ns)
+            if ns is None:
+                return None
+            try:
+                src = await open_one(self.source, ns, unlimited_queue=self.unlimited_queue)
+            except NamespaceError as e:
+                if ns.pid is None:  # no process left in it, and mountinfo needs one
+                    log.info("%s can no longer be watched: %s", sub.label, e)
+                    return None
+                failed: Exception = e
+            except (AmountdError, OSError) as e:
+                failed = e
+            else:
+                break
+            log.warning("watching %s again failed: %s; next try in %g s", sub.label, failed, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _MAX_BACKOFF)
+        if not len(src.table):  # freed while we armed
+            src.close()
+            return None
+        old, sub.src, sub.ns = sub.src, src, ns
+        old.close()
+        log.info(
+            "%s: watching it afresh with %s%s",
+            sub.label,
+            src.kind,
+            " (its process exited; another one is in it)" if reason is None else "",
+        )
+        return _Renewed(MountTable(src.table), reason)
 
     async def _discover(self) -> None:
         """Every `rescan` seconds, watch the namespaces that appeared since (and forget
@@ -394,11 +475,7 @@ class MultiSource(Source):
             sub, item = await recv.receive()
             if isinstance(item, BaseException):
                 raise item
-            batch: list[Change]
-            if isinstance(item, _Stopped):
-                batch = [End(reason=f"the watch of {sub.label} stopped")]
-            else:
-                batch = item
+            batch = self._difference(sub, item) if isinstance(item, _Renewed) else item
             out = self._absorb(sub, batch)
             if out:
                 yield out
@@ -438,6 +515,19 @@ class MultiSource(Source):
             elif type(frame) is End:
                 self._finish(sub, frame, out)
                 break
+        return out
+
+    def _difference(self, sub: _Sub, renewed: _Renewed) -> list[Change]:
+        """From what was yielded of the namespace to what its new sub-source saw when
+        armed: the frames to absorb (`resync` first, if changes may have been missed)."""
+        ns = sub.ns_id
+        before = MountTable(self.table[k] for k in self._keys.get(ns, ()))
+        after = MountTable(_stamped(m, ns) for m in renewed.table)
+        via: Via = "mountinfo" if renewed.reason is None else "resync"
+        out: list[Change] = []
+        if renewed.reason is not None:
+            out.append(Resync(seq=0, reason=renewed.reason, ns_id=ns))
+        out += diff(before, after, via=via, time=time.time(), ns_id=ns)
         return out
 
     def _forget(self, m: Mount) -> Event:
