@@ -70,6 +70,46 @@ def _findmnt_change(line: bytes) -> bool:
     return bool(line.strip())
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much to measure: the default mode's figures, or --quick's (seconds in all)."""
+
+    sizes: tuple[int, ...] = (100, 1000, 10000)
+    pairs: int = 500
+    budget: float = 10.0  # seconds of paced changes per row, at most
+    quiet: float = 0.3  # idle this long: the watcher caught up
+    start_quiet: float = 0.3  # the same after a start that no `ready` announced (findmnt)
+    change_timeout: float = 120.0  # for one calibration change (else: a retry)
+    step: float = 0.05  # how often the watcher's CPU is read while waiting for quiet
+    idle_s: float = 1.0
+    rounds: int = 3  # calibration rounds (the median is used)
+    warm_up: bool = True  # one calibration first, thrown away (first-use costs)
+    min_pairs: int = 2  # fewer within the budget: the row is the calibration's
+    tail: float = 0.2  # after quiet, how long our reader may take to count the last lines
+    fanotify_tail: float = 0.2  # the same for fanotify, which reports every change
+
+
+# Quick: the watcher's idle rate and "caught up" from 10 ms reads (idle is 0 for all
+# three), no warm-up, 0.1 s of paced changes (one isolated pair); fanotify's tail is long
+# because it reports every change (the wait ends as soon as they are counted), the
+# re-readers' short (they coalesce: the wait always runs to its end).
+QUICK = Plan(
+    sizes=(100, 1000),
+    pairs=20,
+    budget=0.1,
+    min_pairs=1,
+    quiet=0.03,
+    start_quiet=0.1,
+    change_timeout=10.0,
+    step=0.01,
+    idle_s=0.03,
+    rounds=1,
+    warm_up=False,
+    tail=0.05,
+    fanotify_tail=2.0,
+)
+
+
 def start_watcher(source: str, pid: int) -> Watcher:
     """The watcher process for one row, armed (amountd: its `ready` frame came)."""
     if source == "findmnt":
@@ -85,23 +125,26 @@ def start_watcher(source: str, pid: int) -> Watcher:
     return Watcher(source, argv, is_change=_amountd_event, is_ready=_amountd_ready, env=_env())
 
 
-def calibrate(ns: PrivateNs, w: Watcher, quiet: float, step: float = 0.05) -> dict[str, Any]:
+def calibrate(ns: PrivateNs, w: Watcher, plan: Plan) -> dict[str, Any]:
     """One change alone, twice: one mount, caught up, one umount, caught up.
 
     Its CPU per change sets the paced gap. It also proves the watcher is polling:
     findmnt says nothing once armed, so a change it missed while starting is retried.
     """
-    wait_quiet(w.cpu_ns, quiet=quiet, step=step, limit=600)  # done with its start-up reading
+    quiet, step, timeout = plan.quiet, plan.step, plan.change_timeout
+    # Done with its start-up reading (findmnt has no `ready` to say so).
+    start_quiet = quiet if w.says_ready else plan.start_quiet
+    wait_quiet(w.cpu_ns, quiet=start_quiet, step=step, limit=600)
     for _ in range(5):
         seen = w.changes
         sw0 = w.switches()
         cpu0 = w.cpu_ns()
         t0 = time.monotonic()
         ns.driver("up")
-        got_up = w.wait_changes(seen + 1, timeout=120)
+        got_up = w.wait_changes(seen + 1, timeout=timeout)
         wait_quiet(w.cpu_ns, quiet=quiet, step=step, limit=600)
         ns.driver("down")
-        got_down = w.wait_changes(seen + 2, timeout=120)
+        got_down = w.wait_changes(seen + 2, timeout=timeout)
         wait_quiet(w.cpu_ns, quiet=quiet, step=step, limit=600)
         cpu1 = w.cpu_ns()
         wall = time.monotonic() - t0
@@ -138,9 +181,8 @@ def measure(
     pairs: int,
     gap: float,
     idle_ns_per_s: float,
-    quiet: float,
-    step: float = 0.05,
-    tail: float = 0.2,
+    plan: Plan,
+    tail: float,
 ) -> dict[str, Any]:
     """K pairs at `gap`; the watcher's CPU until it caught up, and what it reported."""
     seen = w.changes
@@ -149,7 +191,7 @@ def measure(
     cpu0 = w.cpu_ns()
     t0 = time.monotonic()
     d = ns.driver("pairs", pairs, gap)
-    caught_up = wait_quiet(w.cpu_ns, quiet=quiet, step=step, limit=600)
+    caught_up = wait_quiet(w.cpu_ns, quiet=plan.quiet, step=plan.step, limit=600)
     w.wait_changes(seen + made, timeout=tail)  # let our reader count the last lines
     cpu1 = w.cpu_ns()
     wall = time.monotonic() - t0
@@ -173,47 +215,14 @@ def measure(
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How much to measure: the default mode's figures, or --quick's (seconds in all)."""
-
-    sizes: tuple[int, ...] = (100, 1000, 10000)
-    pairs: int = 500
-    budget: float = 10.0  # seconds of paced changes per row, at most
-    quiet: float = 0.3  # idle this long: the watcher caught up
-    step: float = 0.05  # how often the watcher's CPU is read while waiting for quiet
-    idle_s: float = 1.0
-    rounds: int = 3  # calibration rounds (the median is used)
-    warm_up: bool = True  # one calibration first, thrown away (first-use costs)
-    tail: float = 0.2  # after quiet, how long our reader may take to count the last lines
-    fanotify_tail: float = 0.2  # the same for fanotify, which reports every change
-
-
-# Quick: the watcher's idle rate and "caught up" from 10 ms reads (idle is 0 for all
-# three), no warm-up, 2 isolated pairs; fanotify's tail is long because it reports every
-# change (it returns as soon as they are counted), the re-readers' short (they coalesce).
-QUICK = Plan(
-    sizes=(100, 1000),
-    pairs=20,
-    budget=0.2,
-    quiet=0.05,
-    step=0.01,
-    idle_s=0.05,
-    rounds=1,
-    warm_up=False,
-    tail=0.05,
-    fanotify_tail=2.0,
-)
-
-
 def run(opts: Options) -> Result:
     plan = QUICK if opts.quick else Plan()
-    sizes, pairs, budget, quiet, rounds = plan.sizes, plan.pairs, plan.budget, plan.quiet, plan.rounds
-    step = plan.step
+    sizes, pairs, budget, rounds = plan.sizes, plan.pairs, plan.budget, plan.rounds
     sources = [s for s in SOURCES if s != "findmnt" or shutil.which("findmnt")]
     notes: list[str] = []
     notes.append(
-        "*: too slow to make 2 pairs within the budget: the calibration's figures "
+        f"*: too slow to make {plan.min_pairs} pair{'s' if plan.min_pairs > 1 else ''} "
+        "within the budget: the calibration's figures "
         "(one mount, caught up, one umount, caught up)"
     )
     if "findmnt" not in sources:
@@ -222,17 +231,17 @@ def run(opts: Options) -> Result:
     notes += left_out_note(missing)
     records: list[dict[str, Any]] = []
     for n in sizes:
-        with PrivateNs() as ns:
+        with PrivateNs(keep_driver=opts.quick) as ns:
             mounts = ns.populate(n)
             opts.log(f"N={n}: {mounts} mounts in namespace of pid {ns.pid}")
             for source in sources:
                 with start_watcher(source, ns.pid) as w:
                     w.wait_ready(60)
                     if plan.warm_up:  # first-use costs (imports, caches)
-                        calibrate(ns, w, quiet, step)
-                    cals = [calibrate(ns, w, quiet, step)]
+                        calibrate(ns, w, plan)
+                    cals = [calibrate(ns, w, plan)]
                     while len(cals) < rounds and cals[0]["cpu_per_change_us"] < 5e5:
-                        cals.append(calibrate(ns, w, quiet, step))
+                        cals.append(calibrate(ns, w, plan))
                     cals.sort(key=lambda r: float(r["cpu_per_change_us"]))
                     cal = cals[len(cals) // 2]  # the median: one sweep or hiccup aside
                     cost = float(cal["cpu_per_change_us"]) * 1e3
@@ -245,15 +254,14 @@ def run(opts: Options) -> Result:
                             else 0.0
                         )
                         k = min(pairs, int(budget / (2 * gap))) if gap else pairs
-                        if k >= 2:
+                        if k >= plan.min_pairs:
                             rec = measure(
                                 ns,
                                 w,
                                 pairs=k,
                                 gap=gap,
                                 idle_ns_per_s=idle,
-                                quiet=quiet,
-                                step=step,
+                                plan=plan,
                                 tail=tail,
                             )
                         else:  # too slow to pace within the budget: each change alone
@@ -283,8 +291,9 @@ def run(opts: Options) -> Result:
             "min_gap_ms": {m: g * 1e3 for m, g in MIN_GAPS.items()},
             "gap_factor": GAP_FACTOR,
             "calibration_rounds": rounds,
+            "min_pairs": plan.min_pairs,
             "warm_up": plan.warm_up,
-            "quiet_s": quiet,
+            "quiet_s": plan.quiet,
             "idle_s": plan.idle_s,
             "modes": list(MODES),
             "sources": sources,

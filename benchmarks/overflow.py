@@ -36,6 +36,8 @@ from .common import (
     Result,
     Table,
     figure,
+    left_out,
+    left_out_note,
     register,
     task_cpu_ns,
 )
@@ -176,14 +178,22 @@ def run(opts: Options) -> Result:
     n = 20000
     scenarios = SCENARIOS[:1] if opts.quick else SCENARIOS
     rows = ROWS[:1] if opts.quick else ROWS
-    quiet = 0.5 if opts.quick else 1.0
+    quiet = 0.1 if opts.quick else 1.0
+    # Quick: the rbind's tree built nested, by doubling rbinds, in a tenth of a second
+    # rather than by 20,000 bind mounts (seconds: each costs time in proportion to the
+    # table). The burst is the same: n mounts in one syscall.
+    tree = "fasttree" if opts.quick else "tree"
+    missing = left_out(
+        {"scenarios": SCENARIOS, "rows": [r[0] for r in ROWS]},
+        {"scenarios": scenarios, "rows": [r[0] for r in rows]},
+    )
     records: list[dict[str, Any]] = []
     for scenario in scenarios:
         for name, source, unlimited in rows:
-            with PrivateNs() as ns:
+            with PrivateNs(keep_driver=opts.quick) as ns:
                 t = time.monotonic()
                 if scenario == "rbind":
-                    ns.driver("tree", n - 1)  # + the bind of its root: n mounts
+                    ns.driver(tree, n - 1)  # + the bind of its root: n mounts
 
                 async def main(
                     sc: str = scenario, src: str = source, unl: bool = unlimited
@@ -201,6 +211,7 @@ def run(opts: Options) -> Result:
                     f"equal {rec['equal']} ({time.monotonic() - t:.1f}s)"
                 )
     notes = [
+        *left_out_note(missing),
         "recovered s = arrival of the last change the consumer applied - the burst's first "
         "mount syscall; the final table was then checked equal to the kernel's",
         "rbind: the 20,000 mounts attach in one syscall while the consumer is busy (the "
@@ -247,7 +258,9 @@ def run(opts: Options) -> Result:
             "quiet_s": quiet,
             "scenarios": list(scenarios),
             "rows": [r[0] for r in rows],
+            "tree": "nested, by doubling rbinds" if opts.quick else "flat, bind mounts",
             "quick": opts.quick,
+            "left_out": missing,
         },
         records=records,
         tables=[table],

@@ -5,11 +5,14 @@ imported) prints its tables and writes NAME.json, NAME.txt (the tables) and NAME
 (with matplotlib, the optional extra `bench`) to benchmarks/results/. A benchmark is a
 module whose `run(opts)` returns a Result and which calls
 `register(name, title, plot=...)(run)`, imported here; they run in the order imported.
+With --quick, the plots are drawn by a process of their own (plots.py) while the next
+benchmark runs; the default mode draws each between the benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +38,7 @@ from .common import (
     write_json,
     write_plot,
 )
+from .plots import FAILED, PlotWorker
 
 __all__ = ["main"]
 
@@ -73,8 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = Options(
         quick=args.quick, out_dir=args.out, plots=not args.no_plot, verbose=not args.quiet
     )
+    # --quick draws its plots in a process of its own, alongside the next benchmark.
+    worker = None
+    if opts.plots and args.quick and importlib.util.find_spec("matplotlib") is not None:
+        worker = PlotWorker(args.out)
     print(f"machine: {machine_line(machine())}")
-    print(f"mode: {'quick' if args.quick else 'default'}; results in {args.out}\n")
+    mode = (
+        "quick (plots drawn alongside the runs)" if worker else "quick" if args.quick else "default"
+    )
+    print(f"mode: {mode}; results in {args.out}\n")
     failed = 0
     for name in args.names or list(BENCHMARKS):
         bench = BENCHMARKS[name]
@@ -100,9 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         txt.write_text(f"{head}\n{text}", encoding="utf-8")
         print(f"load (1, 5, 15 min): {load['before']} before, {load['after']} after")
         print(f"json: {path}\ntext: {txt}")
-        if opts.plots:
+        if worker is not None:
+            worker.submit(name)
+        elif opts.plots:
             print(write_plot(bench, result, args.out))
         print(f"({wall:.1f}s)\n", flush=True)
+    if worker is not None:
+        for line in worker.finish():
+            print(line)
+            failed += line.startswith(FAILED)
     return 1 if failed else 0
 
 

@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 
-from benchmarks.common import Table, format_table
+from benchmarks import cpu_per_change, fanout, latency, overflow
+from benchmarks.common import (
+    BenchmarkError,
+    PrivateNs,
+    Table,
+    format_table,
+    left_out,
+    left_out_note,
+)
 from benchmarks.serving import JsonCounter, MsgpackCounter, percentile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,9 +94,19 @@ def _load(out: Path, name: str) -> dict[str, Any]:
     assert _number(doc["wall_s"])
     assert set(doc["loadavg"]) == {"before", "after"}  # how busy the machine was
     assert doc["params"]["quick"] is True
+    assert isinstance(doc["params"]["left_out"], dict)
     assert isinstance(doc["records"], list) and doc["records"]
     assert isinstance(doc["notes"], list)
+    if doc["params"]["left_out"]:  # said in the notes too, where the tables are read
+        assert any(n.startswith("--quick leaves out") for n in doc["notes"])
     return doc
+
+
+def _covers(params: dict[str, Any], key: str, full: Any) -> None:
+    """What the quick run measured and what it says it left out make the default set."""
+    used, missing = list(params[key]), params["left_out"].get(key, [])
+    assert not set(used) & set(missing), (key, used, missing)
+    assert sorted(used + missing, key=str) == sorted(full, key=str), (key, used, missing)
 
 
 def test_quick_prints_machine_and_tables(quick_results: tuple[Path, str]) -> None:
@@ -117,6 +135,7 @@ def test_quick_cpu_per_change_is_well_formed(quick_results: tuple[Path, str]) ->
     modes = doc["params"]["modes"]
     assert set(modes) == {"isolated", "paced", "unpaced"}
     assert rows == {(n, s, m) for n in sizes for s in sources for m in modes}
+    _covers(doc["params"], "sizes", cpu_per_change.Plan().sizes)
     for r in recs:
         assert isinstance(r["mounts"], int) and r["mounts"] >= r["size"] > 0
         assert isinstance(r["changes_made"], int) and r["changes_made"] > 0
@@ -143,6 +162,11 @@ def test_quick_cpu_per_change_is_well_formed(quick_results: tuple[Path, str]) ->
 
 def test_quick_overflow_recovers_to_the_kernels_table(quick_results: tuple[Path, str]) -> None:
     doc = _load(quick_results[0], "overflow")
+    p = doc["params"]
+    _covers(p, "scenarios", overflow.SCENARIOS)
+    _covers(p, "rows", [name for name, _, _ in overflow.ROWS])
+    rows = [(r["scenario"], r["row"]) for r in doc["records"]]
+    assert sorted(rows) == sorted((sc, row) for sc in p["scenarios"] for row in p["rows"])
     for r in doc["records"]:
         assert r["scenario"] in ("rbind", "binds")
         assert r["equal"] is True, r
@@ -175,6 +199,8 @@ def test_quick_latency_is_well_formed(quick_results: tuple[Path, str]) -> None:
         (n, s, c) for n in p["sizes"] for s in p["sources"] for c in p["clients"]
     )
     assert set(p["sources"]) == {"fanotify", "mountinfo"}
+    _covers(p, "sizes", latency.SIZES)
+    _covers(p, "clients", latency.CLIENTS)
     for r in doc["records"]:
         assert r["mounts"] >= r["size"] > 0
         assert r["changes"] == 2 * r["mount_syscalls"] > 0
@@ -203,6 +229,7 @@ def test_quick_fanout_is_well_formed(quick_results: tuple[Path, str]) -> None:
     assert set(p["formats"]) == {"json", "msgpack"}
     rows = [(r["format"], r["subscribers"]) for r in doc["records"]]
     assert sorted(rows) == sorted((f, k) for f in p["formats"] for k in p["subscribers"])
+    _covers(p, "subscribers", fanout.SUBSCRIBERS)
     for r in doc["records"]:
         k = r["subscribers"]
         assert r["events"] == p["events"][str(k)]
@@ -223,6 +250,7 @@ def test_quick_fanout_is_well_formed(quick_results: tuple[Path, str]) -> None:
 
 def test_quick_memory_is_well_formed(quick_results: tuple[Path, str]) -> None:
     doc = _load(quick_results[0], "memory")
+    assert doc["params"]["left_out"] == {}  # every row; only the sizes are smaller
     recs = doc["records"]
     groups = {(r["server"], r["snapshot"]) for r in recs}
     assert {("amountd", False), ("amountd", True)} <= groups
@@ -238,6 +266,33 @@ def test_quick_memory_is_well_formed(quick_results: tuple[Path, str]) -> None:
             assert r["frames_delivered"] <= r["burst_events"] * doc["params"]["subscribers"]
     for t in doc["summary"]["targets"]:
         assert isinstance(t["met"], bool) and _number(t["vmhwm_mib"])
+
+
+def test_left_out_names_the_default_rows_a_run_lacks() -> None:
+    full = {"sizes": (100, 1000, 10000), "clients": ("socket", "watch")}
+    missing = left_out(full, {"sizes": [100, 1000], "clients": ["socket", "watch"]})
+    assert missing == {"sizes": [10000]}
+    assert left_out_note(missing) == ["--quick leaves out (the default mode has them): sizes 10000"]
+    assert left_out(full, {"sizes": list(full["sizes"]), "clients": ["watch", "socket"]}) == {}
+    assert left_out_note({}) == []
+
+
+def test_kept_driver_answers_each_op_and_reports_failures() -> None:
+    """--quick's driver stays in the namespace: ops in turn, an error as BenchmarkError,
+    and the doubling tree holds exactly the mounts asked for."""
+    if not CAN_RUN:
+        pytest.skip("needs root and util-linux unshare/nsenter (a private mount namespace)")
+    with PrivateNs(keep_driver=True) as ns:
+        before = ns.mount_count()
+        assert ns.driver("up")["changes"] == 1
+        assert ns.mount_count() == before + 1
+        ns.driver("down")
+        with pytest.raises(BenchmarkError, match="down"):
+            ns.driver("down")  # nothing mounted there now: EINVAL, and the driver stays
+        assert ns.driver("fasttree", 37)["changes"] == 37
+        assert ns.mount_count() == before + 37  # the helper tree is gone
+        ns.driver("rbind")
+        assert ns.mount_count() == before + 2 * 37 + 1
 
 
 def test_percentile_is_a_nearest_rank() -> None:
