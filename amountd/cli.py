@@ -156,9 +156,12 @@ class Output:
     """Frames to stdout, one line each, flushed at once (a pipe reader sees them live)."""
 
     def __init__(self, json: bool, stream: IO[bytes] | None = None) -> None:
+        from .model import encode_json
+
         self.json = json
         self.stream = stream if stream is not None else sys.stdout.buffer
         self._header = False
+        self._encode = encode_json  # bound here: a frame's path is the hot path
 
     def _write(self, data: bytes) -> None:
         self.stream.write(data)
@@ -172,12 +175,12 @@ class Output:
             self._write(HEADER.encode() + b"\n")
 
     def frame(self, frame: Any) -> None:
-        from .model import End, Event, Ready, Resync, Snapshot, encode_json
+        if self.json:
+            self._write(self._encode(frame) + b"\n")
+            return
+        from .model import End, Event, Ready, Resync, Snapshot
         from .render import event_line, mount_line
 
-        if self.json:
-            self._write(encode_json(frame) + b"\n")
-            return
         self.header()
         if isinstance(frame, Event):
             self._write(event_line(frame).encode("utf-8", "surrogateescape") + b"\n")
@@ -251,19 +254,25 @@ async def run_until_signal(body: Callable[[], Any], timeout: float | None) -> No
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from .api import watch
+    from contextlib import aclosing
+
+    from .api import frames_of
+    from .ns import resolve_ns
+    from .sources import open_source
 
     flt = _filter(args)
     out = Output(args.json)
 
     async def body() -> None:
-        async with watch(
-            source=args.source,
-            ns=args.ns,
-            snapshot=args.snapshot,
-            filter=flt,
-            unlimited_queue=args.unlimited_queue,
-        ) as frames:
+        # The source's frames printed by this one task: no second task and channel
+        # between them (the API's cancel-safe stream), whose hand-over would be a
+        # loop turn per change.
+        async with (
+            open_source(
+                args.source, resolve_ns(args.ns), unlimited_queue=args.unlimited_queue
+            ) as src,
+            aclosing(frames_of(src, snapshot=args.snapshot, filter=flt)) as frames,
+        ):
             await print_frames(frames, out, args.count)
 
     run(lambda: run_until_signal(body, args.timeout), args.backend)

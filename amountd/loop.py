@@ -4,9 +4,9 @@ Readable fds (fanotify, pidfds, eventfds) go into an epoll set whose own fd the 
 awaits. POLLPRI on a mountinfo file cannot go there: the kernel reports a mountinfo
 change once per open file, to whichever poll looks first, and asyncio re-registers a
 reader on every wait, so the kernel's check at registration eats the change before the
-loop is told. So one thread of ours is the only poller of that file (blocked in
-poll(), costing nothing while idle) and turns each POLLPRI into an eventfd count, which
-stays readable until read.
+loop is told. So the file is polled by the kernel itself, through a Linux AIO poll
+request that signals an eventfd (which stays readable until read), and only where AIO
+is not to be had by one thread of ours, blocked in poll(), doing the same.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 import os
 import select
 import threading
-from collections.abc import Callable
 
 import anyio
 
@@ -69,45 +68,67 @@ class FdWatch:
 
 
 class PriorityWatch:
-    """POLLPRI on one fd, seen by our thread alone, counted in an eventfd (`fd`).
+    """POLLPRI on one fd, counted in an eventfd (`fd`) the loop awaits with the rest.
 
-    `explained`, when given, runs in that thread on each POLLPRI: if it returns True
-    the POLLPRI is not passed on, so the loop is not woken for what something else
-    (fanotify) reports anyway.
+    The kernel polls the file (AIO IOCB_CMD_POLL, one-shot, rearmed by `fired()`): no
+    thread wakes with each change, so the loop wakes once for a change that also
+    brings a fanotify event, not once more plus a GIL hand-over between two threads
+    (measured: that hand-over was most of the CPU a change cost). Where AIO is refused,
+    a thread polls instead (`thread` says which).
     """
 
-    def __init__(self, fd: int, explained: Callable[[], bool] | None = None) -> None:
+    def __init__(self, fd: int) -> None:
+        from .kernel.errors import KernelError
+        from .kernel.syscalls import AioPoll
+
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._explained = explained
-        self._stop = os.eventfd(0, os.EFD_CLOEXEC)
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLPRI)
-        self._poll.register(self._stop, select.POLLIN)
-        self._thread = threading.Thread(target=self._run, name="amountd-pollpri", daemon=True)
-        self._thread.start()
+        self._aio: AioPoll | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = -1
+        try:
+            self._aio = AioPoll(fd, select.POLLPRI, self.fd)
+        except KernelError:
+            self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLPRI)
+            self._poll.register(self._stop, select.POLLIN)
+            self._thread = threading.Thread(target=self._run, name="amountd-pollpri", daemon=True)
+            self._thread.start()
+
+    @property
+    def thread(self) -> bool:
+        """Whether a thread of ours polls (AIO was refused)."""
+        return self._thread is not None
 
     def _run(self) -> None:
-        explained = self._explained
         while True:
             for fd, ev in self._poll.poll():
                 if fd == self._stop or ev & select.POLLNVAL:
                     return
-                if ev & select.POLLPRI and (explained is None or not explained()):
+                if ev & select.POLLPRI:
                     os.eventfd_write(self.fd, 1)
 
     def fired(self) -> bool:
-        """Whether a POLLPRI came (and was not explained) since the last call."""
+        """Whether a POLLPRI came since the last call (and, by AIO, poll again)."""
         try:
             os.eventfd_read(self.fd)
         except BlockingIOError:
             return False
+        if self._aio is not None:
+            self._aio.rearm()
         return True
 
     def close(self) -> None:
-        if self._stop < 0:
+        if self.fd < 0:
             return
-        os.eventfd_write(self._stop, 1)
-        self._thread.join()
-        os.close(self._stop)
-        self._stop = -1
+        if self._aio is not None:
+            self._aio.close()
+            self._aio = None
+        if self._thread is not None:
+            os.eventfd_write(self._stop, 1)
+            self._thread.join()
+            os.close(self._stop)
+            self._stop = -1
+            self._thread = None
         close_fd(self.fd)
+        self.fd = -1

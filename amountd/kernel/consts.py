@@ -160,3 +160,18 @@ MNT_NS_INFO_SIZE_VER0 = 16
 ENOENT = _errno.ENOENT
 EINVAL = _errno.EINVAL
 EOVERFLOW = _errno.EOVERFLOW
+
+
+# --- Linux AIO, for IOCB_CMD_POLL (4.18+): the kernel polls a file for us and signals an
+# eventfd when it fires. Called by number: glibc has no wrappers. (io_setup, io_destroy,
+# io_getevents, io_submit) per arch; elsewhere amountd polls with a thread instead. ---
+AIO_SYSCALLS: dict[str, tuple[int, int, int, int]] = {
+    "x86_64": (206, 207, 208, 209),
+    "aarch64": (0, 1, 4, 2),
+    "riscv64": (0, 1, 4, 2),
+    "loongarch64": (0, 1, 4, 2),
+    "ppc64le": (227, 228, 229, 230),
+    "s390x": (243, 244, 245, 246),
+}
+IOCB_CMD_POLL = 5
+IOCB_FLAG_RESFD = 1 << 0

@@ -417,3 +417,15 @@ def statmount_to_mount(sm: StatMount, requested: int = c.STATMOUNT_MOUNT) -> Mou
         propagation=propagation,
         dev=dev,
     )
+
+
+# struct iocb (uapi linux/aio_abi.h): data, key, rw_flags, opcode, reqprio, fildes, buf,
+# nbytes, offset, reserved2, flags, resfd. 64 bytes; key and rw_flags swap places on
+# big-endian machines, and both are 0 here.
+_IOCB = struct.Struct("=QIiHhIQQqQII")
+IO_EVENT_SIZE = 32  # struct io_event: data, obj, res, res2
+
+
+def build_poll_iocb(fd: int, events: int, resfd: int, data: int = 0) -> bytes:
+    """An IOCB_CMD_POLL request: poll `fd` for `events` once, then signal eventfd `resfd`."""
+    return _IOCB.pack(data, 0, 0, c.IOCB_CMD_POLL, 0, fd, events, 0, 0, 0, c.IOCB_FLAG_RESFD, resfd)

@@ -19,14 +19,17 @@ from amountd.model import Mount
 from . import consts as c
 from .errors import KernelError, MountGone, NamespaceGone, Unsupported, from_errno
 from .layouts import (
+    IO_EVENT_SIZE,
     FanEvent,
     build_mnt_id_req,
+    build_poll_iocb,
     parse_fanotify_events,
     parse_statmount,
     statmount_to_mount,
 )
 
 __all__ = [
+    "AioPoll",
     "enter_mntns",
     "fanotify_init",
     "fanotify_mark",
@@ -285,3 +288,49 @@ def enter_mntns(fd: int) -> None:
         raise _fail("unshare(CLONE_FS)")
     if libc.setns(fd, _CLONE_NEWNS) < 0:
         raise _fail("setns(CLONE_NEWNS)")
+
+
+class AioPoll:
+    """One-shot POLL requests on one fd through a Linux AIO context of its own: when
+    the file fires, the kernel signals eventfd `resfd` (and nothing more, until
+    `rearm()`). No thread waits, and nothing is lost between firing and rearming: a
+    request polls the file when submitted, so a change made meanwhile fires it at once.
+
+    Raises KernelError where AIO is not to be had (an arch amountd does not know the
+    numbers of, CONFIG_AIO off, a seccomp filter, fs.aio-max-nr reached).
+    """
+
+    def __init__(self, fd: int, events: int, resfd: int) -> None:
+        nums = c.AIO_SYSCALLS.get(c.MACHINE)
+        if nums is None:
+            raise KernelError(errno.ENOSYS, f"no Linux AIO syscall numbers for {c.MACHINE}")
+        self._setup, self._destroy, self._getevents, self._submit = (ctypes.c_long(n) for n in nums)
+        ctx = ctypes.c_ulong(0)
+        if _syscall(self._setup, ctypes.c_long(1), ctypes.byref(ctx)) != 0:
+            raise _fail("io_setup", feature="Linux AIO", since="2.6")
+        self._ctx = ctypes.c_ulong(ctx.value)
+        self._iocb = ctypes.create_string_buffer(build_poll_iocb(fd, events, resfd), 64)
+        self._list = (ctypes.c_void_p * 1)(ctypes.addressof(self._iocb))
+        self._events = ctypes.create_string_buffer(IO_EVENT_SIZE)
+        self._zero = (ctypes.c_long * 2)(0, 0)
+        try:
+            self._submit_one()
+        except BaseException:
+            self.close()
+            raise
+
+    def _submit_one(self) -> None:
+        if _syscall(self._submit, self._ctx, ctypes.c_long(1), self._list) != 1:
+            raise _fail("io_submit(IOCB_CMD_POLL)", feature="AIO poll", since="4.18")
+
+    def rearm(self) -> None:
+        """After the eventfd was read: reap the completion that signalled it, poll again."""
+        _syscall(self._getevents, self._ctx, ctypes.c_long(0), ctypes.c_long(1), self._events,
+                 self._zero)  # fmt: skip
+        self._submit_one()
+
+    def close(self) -> None:
+        """Destroying the context cancels the request in flight."""
+        if self._ctx.value:
+            _syscall(self._destroy, self._ctx)
+            self._ctx = ctypes.c_ulong(0)

@@ -7,8 +7,10 @@ mountinfo is polled for POLLPRI alongside: a POLLPRI that no fanotify event expl
 starts a sweep (one statmount per mount, without paths) that finds what changed.
 
 POLLPRI is raised by every mount change, remounts included, and before the change's
-fanotify event is queued: so the thread that polls mountinfo gives the event a moment
-(`grace`) to land, and wakes the loop to sweep only when none came. The mountinfo file we poll
+fanotify event is queued: a POLLPRI that the namespace's mount count (one ioctl) or a
+fanotify event does not explain gives an event a moment (`grace`) to land, and the
+loop sweeps only when none came. The kernel polls mountinfo for us (AIO, see loop.py),
+so a change wakes the loop, and nothing else, once or twice. The mountinfo file we poll
 keeps the namespace alive, so it is dropped when the last process we know in it exits;
 the namespace's end then arrives as fanotify DETACHes, one per mount.
 """
@@ -21,6 +23,7 @@ import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 
+import anyio
 import msgspec
 
 from ..errors import AmountdError, NamespaceError
@@ -189,11 +192,17 @@ def _fan_event(
 
 
 def _comm(pid: int) -> str | None:
+    # os.open/read: 3 syscalls per event, where open() makes 9 (fstat, isatty, seeks).
     try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+        fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.read(fd, 64).rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 class FanotifySource(Source):
@@ -214,7 +223,8 @@ class FanotifySource(Source):
         self._swept: dict[int, int] = {}  # mount ID -> hash of its last sweep answer
         self.inside_error: str | None = None
         self._nsfd = -1  # the namespace, for its mount count (kept as long as `_mi`)
-        self._nr = -1  # its mount count when the POLLPRI thread last looked
+        self._nr = -1  # its mount count when a POLLPRI was last explained
+        self._unexplained: float | None = None  # when an unexplained POLLPRI's grace ends
         self._at: dict[tuple[int | None, str | None], set[int]] = {}  # (parent, target)
         self._buf = bytearray(_READ_SIZE)
         self.sweeps = 0
@@ -252,7 +262,7 @@ class FanotifySource(Source):
             os.close(nsfd)  # an open ns fd would keep the namespace (and its end) alive
         self._watch = FdWatch()
         self._watch.add_readable(self._fan)
-        self._fan_poll = select.poll()  # used by the POLLPRI thread only
+        self._fan_poll = select.poll()  # is an event queued? (consumes nothing)
         self._fan_poll.register(self._fan, select.POLLIN)
         if self.ns.pid is not None:
             self._follow(self.ns.pid)
@@ -300,7 +310,7 @@ class FanotifySource(Source):
             if self._nsfd >= 0:
                 os.close(self._nsfd)
             self._nsfd = -1
-        self._pri = PriorityWatch(mi, self._explained)
+        self._pri = PriorityWatch(mi)
         self._watch.add_readable(self._pri.fd)
         self._watch.add_readable(pidfd)
         try:
@@ -559,17 +569,16 @@ class FanotifySource(Source):
             if got < _READ_SIZE - 1024:
                 return n, True  # a short read emptied the queue; what comes next wakes us
 
-    def _explained(self) -> bool:
-        """In the POLLPRI thread: does a fanotify event account for this change?
+    def _explained(self, drained: int) -> bool:
+        """Does a fanotify event account for the POLLPRI that just came?
 
         A mount or umount changes the namespace's mount count (NS_MNT_GET_INFO, one
         ioctl) and a remount does not: a changed count is explained at once, whenever
         its fanotify event lands (measured: up to ~20 ms after the POLLPRI under load).
         An unchanged count is a remount, a propagation change, a move, or a mount and
-        umount taken together: an event pending or landing within `grace` explains it;
-        else the loop is woken to sweep. (Where the loop read a move's event before this
-        thread looked, that costs a needless sweep, never a missed change.) Polling the
-        fanotify fd consumes nothing.
+        umount taken together: an event read in the same wake-up, queued, or landing
+        within `grace` explains it; else the loop sweeps. Polling the fanotify fd
+        consumes nothing.
         """
         if self._nsfd >= 0:
             try:
@@ -579,20 +588,34 @@ class FanotifySource(Source):
             if nr != self._nr:  # a mount or umount: fanotify reports it, now or soon
                 self._nr = nr
                 return True
-        return bool(self._fan_poll.poll(self.grace * 1000))
+        return drained > 0 or bool(self._fan_poll.poll(0))
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:
         watch = self._watch
         assert watch is not None, "arm() first"
         while True:
-            ready = await watch.wait()
+            due = self._unexplained
+            if due is None:
+                ready = await watch.wait()
+            else:  # an unexplained POLLPRI: wake by its grace's end at the latest
+                ready = []
+                with anyio.move_on_after(due - anyio.current_time()):
+                    ready = await watch.wait()
             out: list[Change] = []
             alive = True
+            drained = 0
             if self._fan in ready:
-                _, alive = self._drain(out)
+                drained, alive = self._drain(out)
             pri = self._pri
-            if alive and pri is not None and pri.fd in ready and pri.fired():
-                self._sweep(out)  # a POLLPRI that no fanotify event explained
+            if alive and pri is not None:
+                if pri.fd in ready and pri.fired() and not self._explained(drained):
+                    if self._unexplained is None:
+                        self._unexplained = anyio.current_time() + self.grace
+                elif drained:
+                    self._unexplained = None  # the event it waited for came
+                if self._unexplained is not None and anyio.current_time() >= self._unexplained:
+                    self._unexplained = None
+                    self._sweep(out)  # a POLLPRI that no fanotify event explained
             if not alive:
                 yield out
                 return
