@@ -16,7 +16,6 @@ from .errors import AmountdError, UsageError
 __all__ = ["add_commands"]
 
 
-
 def _count(text: str, *, minimum: int) -> int:
     try:
         n = int(text)

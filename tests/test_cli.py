@@ -255,8 +255,19 @@ def test_list_from_outside_equals_mountinfo_with_propagate_from(private_ns: Priv
     ns.run("mount", "--make-slave", b)
     ns.run("mount", "--make-shared", b)
     inner = subprocess.Popen(
-        ["nsenter", "-t", str(ns.pid), "-m", "--",
-         "unshare", "-m", "--propagation", "unchanged", "sleep", "infinity"]
+        [
+            "nsenter",
+            "-t",
+            str(ns.pid),
+            "-m",
+            "--",
+            "unshare",
+            "-m",
+            "--propagation",
+            "unchanged",
+            "sleep",
+            "infinity",
+        ]
     )
     try:
         # Not ours (nsenter starts out here) and not P's: the nested namespace.

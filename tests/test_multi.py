@@ -374,7 +374,7 @@ async def test_a_failing_sub_source_is_renewed_not_ended(monkeypatch: pytest.Mon
         ("/m", "resync"),
         ("/n", "resync"),
     ]
-    assert [f for f in got if isinstance(f, End)][0] == End(
+    assert next(f for f in got if isinstance(f, End)) == End(
         reason="mount namespace 10 was freed", ns_id=10
     )
     assert consumer == MountTable()
@@ -386,9 +386,7 @@ async def test_a_mountinfo_watch_follows_its_namespace_to_another_process(
 ) -> None:
     """The watched process exits but the namespace lives on: the watch goes on through
     another process of it (no `end`, no `resync`), until no process is left."""
-    first = Scripted(
-        nsp(10), [mnt(10, 1, "/", legacy=True)], [[End(reason="pid 5 exited")]]
-    )
+    first = Scripted(nsp(10), [mnt(10, 1, "/", legacy=True)], [[End(reason="pid 5 exited")]])
     second = Scripted(
         nsp(10),
         [mnt(10, 1, "/", legacy=True), mnt(10, 7, "/q", legacy=True)],
@@ -409,7 +407,8 @@ async def test_a_mountinfo_watch_follows_its_namespace_to_another_process(
     assert [ns.pid for ns in opened_with] == [None, 6]
     assert not any(isinstance(f, Resync) for f in got)
     q = got[0]
-    assert isinstance(q, Event) and (q.action, q.mount.target, q.via) == ("mount", "/q", "mountinfo")
+    assert isinstance(q, Event)
+    assert (q.action, q.mount.target, q.via) == ("mount", "/q", "mountinfo")
     ends = [f for f in got if isinstance(f, End)]
     assert ends[0] == End(reason="pid 6 exited", ns_id=10)  # once, when no process is left
     assert len(ends) == 2 and consumer == MountTable()

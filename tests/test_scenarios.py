@@ -238,8 +238,7 @@ async def test_move_of_a_tree(private_ns: PrivateNs, source: str) -> None:
         ns.run("mount", "--move", a, c)
         evs = await next_events(frames, 3)
         moves = sorted(
-            (e.action, e.old.target if e.old else None, e.mount.target, e.mount.source)
-            for e in evs
+            (e.action, e.old.target if e.old else None, e.mount.target, e.mount.source) for e in evs
         )
         assert moves == [
             ("move", fspath(a), fspath(c), "t0"),
