@@ -141,8 +141,8 @@ def can_run() -> str | None:
 # --------------------------------------------------------------------------------- CPU
 
 
-def task_cpu_ns(pid: int) -> int:
-    """Nanoseconds on CPU of every live thread of `pid` (schedstat's first field)."""
+def _per_thread(pid: int, name: str, value: Callable[[bytes], int]) -> int:
+    """The sum of `value(/proc/PID/task/TID/<name>)` over every live thread of `pid`."""
     total = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -150,29 +150,29 @@ def task_cpu_ns(pid: int) -> int:
         raise BenchmarkError(f"process {pid} is gone") from None
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/{name}", "rb") as f:
+                total += value(f.read())
         except (FileNotFoundError, ProcessLookupError):
             continue  # a thread that ended between listing and reading
     return total
 
 
+def task_cpu_ns(pid: int) -> int:
+    """Nanoseconds on CPU of every live thread of `pid` (schedstat's first field)."""
+    return _per_thread(pid, "schedstat", lambda b: int(b.split()[0]))
+
+
+def _switches(status: bytes) -> int:
+    return sum(
+        int(line.split()[1])
+        for line in status.splitlines()
+        if line.startswith((b"voluntary_ctxt_switches", b"nonvoluntary_ctxt"))
+    )
+
+
 def task_switches(pid: int) -> int:
     """Context switches (voluntary + not) of every live thread of `pid`: its wake-ups."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        raise BenchmarkError(f"process {pid} is gone") from None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith((b"voluntary_ctxt_switches", b"nonvoluntary_ctxt")):
-                        total += int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
+    return _per_thread(pid, "status", _switches)
 
 
 # ----------------------------------------------------------------- private namespaces
