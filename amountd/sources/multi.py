@@ -413,8 +413,7 @@ class MultiSource(Source):
         if not len(src.table):  # freed while we armed
             src.close()
             return None
-        old, sub.src, sub.ns = sub.src, src, ns
-        old.close()
+        sub.src, sub.ns = src, ns  # the old one was closed above
         log.info(
             "%s: watching it afresh with %s%s",
             sub.label,
