@@ -241,12 +241,16 @@ def _from_builtins(raw: Mapping[str, Any], where: str) -> Config:
 
 def parse_config(data: bytes, where: str = "<config>") -> Config:
     """Pure: a TOML document's bytes as a Config; `where` names it in errors."""
+    # Decoded here, not by the parser: which exception a TOML library raises for bad
+    # UTF-8 differs between versions (msgspec 0.23 says DecodeError).
     try:
-        raw = msgspec.toml.decode(data)
-    except msgspec.DecodeError as e:
-        raise ConfigError(f"TOML syntax error in {where}: {_lower(str(e))}") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{where} is not UTF-8 (byte {e.start}): TOML files must be") from None
+    try:
+        raw = msgspec.toml.decode(text)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"TOML syntax error in {where}: {_lower(str(e))}") from None
     return _from_builtins(_normalize(raw, where), where)
 
 

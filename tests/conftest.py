@@ -7,10 +7,15 @@ outside with `--ns PID`. A test that needs root is skipped with the reason.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -158,11 +163,73 @@ async def no_more_frames(frames: AsyncIterator[Frame], wait: float = 0.3) -> Non
     assert not extra, f"unexpected extra frames: {extra!r}"
 
 
+def _requirements(dist: str) -> set[str]:
+    """`dist` and what it needs at run time, by distribution name (extras left out)."""
+    seen: set[str] = set()
+    todo = [dist]
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a dependency for another Python version, not installed here
+        seen.add(name)
+        for req in requires:
+            if "extra ==" not in req and (m := re.match(r"[A-Za-z0-9._-]+", req)):
+                todo.append(m.group(0))
+    return seen
+
+
+@functools.cache
+def _world_readable_site() -> str:
+    """A copy of amountd and the packages it needs in a directory any uid can read.
+
+    The checkout and its venv may sit in a 0700 directory (a clone under /root): another
+    uid cannot import from there, so what it runs is copied out once per session."""
+    import amountd
+
+    site = tempfile.mkdtemp(prefix="amountd-site-")
+    os.chmod(site, 0o755)
+    atexit.register(shutil.rmtree, site, True)
+    for name in _requirements("amountd") - {"amountd"}:
+        for f in importlib.metadata.files(name) or []:
+            src = Path(str(f.locate()))
+            if f.parts[0] != ".." and ".dist-info" not in f.parts[0] and src.is_file():
+                dst = Path(site, *f.parts)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+    # amountd itself from wherever it is imported (an editable install lists no files).
+    shutil.copytree(
+        Path(amountd.__file__).parent,
+        Path(site, "amountd"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for d, dirs, files in os.walk(site):
+        for n in dirs:
+            os.chmod(os.path.join(d, n), 0o755)
+        for n in files:
+            os.chmod(os.path.join(d, n), 0o644)
+    return site
+
+
+def as_user(uid: int, argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """`python ARGV` as `uid`: the command and environment, runnable from any checkout."""
+    env = dict(os.environ, PYTHONPATH=_world_readable_site(), PYTHONNOUSERSITE="1")
+    python = os.path.realpath(sys._base_executable)  # the venv's bin/ may be unreachable
+    cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", python, *argv]
+    return cmd, env
+
+
 def run_cli(
     *args: str, user: int | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess[bytes]:
     """`python -m amountd ARGS`, optionally as another uid (setpriv), capturing output."""
-    cmd: Sequence[str] = [sys.executable, "-m", "amountd", *args]
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    return subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+    if user is None:
+        cmd = [sys.executable, "-m", "amountd", *args]
+        return subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+    cmd, env = as_user(user, ["-m", "amountd", *args])
+    return subprocess.run(
+        cmd, capture_output=True, timeout=timeout, check=False, env=env, cwd="/"
+    )
