@@ -259,11 +259,11 @@ async def test_a_stalled_subscriber_delays_no_one(
     ns.mkdir(d)
     # An unlimited kernel queue: the 20,000 events all reach the broker (none are
     # merged into a kernel-overflow resync), so what is checked is the broker's policy.
-    # The queue is 4 times the default so that the reader that keeps up is not resynced
-    # when the machine is busy (a Python reader is not much faster than the source);
-    # the stalled one overflows it five times over.
+    # The changes come in batches of 2,000 events, each made once the reader that keeps
+    # up has the last batch: so it is never 4,096 frames behind however busy the machine
+    # is, while the stalled one overflows its queue (4,096) five times over.
     srv = server_for("--unlimited-queue", "--queue", "4096")
-    pairs = 10_000
+    pairs, batch = 10_000, 1_000
     stalled = await raw_connect(srv)
     await stalled.send(b'{"type":"subscribe","version":1,"format":"json"}\n')
     got: list[Frame] = []
@@ -280,11 +280,12 @@ async def test_a_stalled_subscriber_delays_no_one(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow)
-            proc = ns.popen_ops("pairs", d, pairs)
-            while proc.poll() is None:
-                rss_peak = max(rss_peak, srv.rss_kib())
-                await anyio.sleep(0.05)
-            assert proc.returncode == 0
+            for done in range(batch, pairs + 1, batch):
+                proc = ns.popen_ops("pairs", d, batch)
+                while proc.poll() is None or len(got) < 2 * done:
+                    rss_peak = max(rss_peak, srv.rss_kib())
+                    await anyio.sleep(0.05)
+                assert proc.returncode == 0
         rss_peak = max(rss_peak, srv.rss_kib())
         # The reader that keeps up got every event, in order, and no resync.
         assert all(isinstance(f, Event) for f in got), {type(f).__name__ for f in got}
