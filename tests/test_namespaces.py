@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -179,3 +180,24 @@ def test_without_cap_sys_chroot_propagate_from_degrades_and_says_so(
     assert ready.reason is not None
     assert "propagate_from of slave mounts reads 0" in ready.reason
     assert "CAP_SYS_CHROOT" in ready.reason
+
+
+@pytest.mark.anyio
+async def test_mountinfo_source_of_an_exiting_process_is_a_namespace_error() -> None:
+    """A process that has let go of its namespaces (here a zombie; in life, one that is
+    exiting while `--all-namespaces` arms) makes /proc/PID/mountinfo say EINVAL: that is
+    "the process has exited", which a multi-namespace server skips, not a crash."""
+    from amountd.errors import NamespaceError
+    from amountd.ns import Namespace
+    from amountd.sources.mountinfo_poll import MountinfoSource
+
+    st = os.stat("/proc/self/ns/mnt")
+    child = subprocess.Popen(["true"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
+        src = MountinfoSource(Namespace(None, child.pid, None, st.st_ino, st.st_dev))
+        with pytest.raises(NamespaceError, match="has exited"):
+            await src.arm()
+        src.close()
+    finally:
+        child.wait()

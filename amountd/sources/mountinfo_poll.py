@@ -9,6 +9,7 @@ through a pidfd in the same epoll set, and ends the watch.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import AsyncGenerator
@@ -38,6 +39,11 @@ def read_mountinfo(path: str) -> bytes:
     return b"".join(parts)
 
 
+_EXITED = frozenset({errno.ENOENT, errno.ESRCH, errno.EINVAL})
+"""What opening /proc/PID/mountinfo says of a process that is gone or exiting (EINVAL:
+it has already let go of its namespaces)."""
+
+
 class MountinfoSource(Source):
     kind = "mountinfo"
 
@@ -59,14 +65,14 @@ class MountinfoSource(Source):
         try:
             self._pidfd = os.pidfd_open(self.pid)
             self._mi_fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-        except ProcessLookupError:
-            raise NamespaceError(f"process {self.pid} has exited") from None
-        except FileNotFoundError:
-            raise NamespaceError(f"process {self.pid} has exited") from None
         except PermissionError:
             raise NamespaceError(
                 f"cannot read {self._path}: watching another process's mounts needs root"
             ) from None
+        except OSError as e:
+            if e.errno in _EXITED:
+                raise NamespaceError(f"process {self.pid} has exited") from None
+            raise
         self._pri = PriorityWatch(self._mi_fd)
         self._watch = FdWatch()
         self._watch.add_readable(self._pri.fd)
@@ -79,8 +85,10 @@ class MountinfoSource(Source):
         """The table as /proc/PID/mountinfo shows it now (a fresh open each time)."""
         try:
             data = read_mountinfo(self._path)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NamespaceError(f"process {self.pid} has exited") from None
+        except OSError as e:
+            if e.errno in _EXITED:
+                raise NamespaceError(f"process {self.pid} has exited") from None
+            raise
         return MountTable(parse_mountinfo(data, ns_id=self.ns_id))
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:

@@ -278,7 +278,9 @@ class MultiSource(Source):
             self._note(ns.ns_id)
             try:
                 src = await self._open(ns)
-            except AmountdError as e:
+            except (AmountdError, OSError) as e:
+                # A namespace of the host's walk may be dying while we arm (its process
+                # exiting): skipped; one the user named is an error.
                 if not self.all_namespaces:
                     raise
                 self._skip(ns, e)
@@ -443,7 +445,7 @@ class MultiSource(Source):
         self._note(ns.ns_id)
         try:
             src = await self._open(ns)
-        except AmountdError as e:
+        except (AmountdError, OSError) as e:
             self._skip(ns, e)
             return
         sub = _Sub(ns, ns.ns_id, src)
