@@ -692,7 +692,7 @@ async def test_fifty_churned_namespaces(
             while not converged():  # noqa: ASYNC110 (about other tasks and the kernel)
                 await anyio.sleep(0.2)
         if why:  # the server's lines about the namespaces that differ, then its tail
-            bad = {w.split(": ")[1] for w in why}
+            bad = {w.split(": ")[1].split()[-1] for w in why}  # "ns 4703" -> "4703"
             about = [ln for ln in srv.text().splitlines() if any(b in ln for b in bad)]
             detail = "\n".join(w[:2000] for w in why[:5])
             raise AssertionError(f"{detail}\n" + "\n".join(about[-50:]) + srv.text()[-2000:])
