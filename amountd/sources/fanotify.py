@@ -12,7 +12,11 @@ fanotify event does not explain gives an event a moment (`grace`) to land, and t
 loop sweeps only when none came. The kernel polls mountinfo for us (AIO, see loop.py),
 so a change wakes the loop, and nothing else, once or twice. The mountinfo file we poll
 keeps the namespace alive, so it is dropped when the last process we know in it exits;
-the namespace's end then arrives as fanotify DETACHes, one per mount.
+the namespace's end then arrives as fanotify DETACHes, one per mount (or, when they
+overflow the queue, as a resync that can no longer list the namespace).
+
+What the events mean is decided by the pure FanotifyTracker (amountd/tracker.py);
+this module waits, reads, parses, and answers the tracker's questions with syscalls.
 """
 
 from __future__ import annotations
