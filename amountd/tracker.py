@@ -424,16 +424,18 @@ class FanotifyTracker:
                 old.propagation,
             ):
                 continue
-            new = msgspec.structs.replace(
-                old, options=s.options, fs_options=s.fs_options, propagation=s.propagation
-            )
-            action: Action = (
-                "remount"
-                if (s.options, s.fs_options) != (old.options, old.fs_options)
-                else "propagation"
-            )
-            table.add(new)
-            out.append(_event(now, action, new, old))
+            # One event per kind of change, propagation first: applied in order, they
+            # give the kernel's record (a consumer filtering on either sees its own).
+            cur = old
+            if s.propagation != old.propagation:
+                new = msgspec.structs.replace(cur, propagation=s.propagation)
+                out.append(_event(now, "propagation", new, cur))
+                cur = new
+            if (s.options, s.fs_options) != (old.options, old.fs_options):
+                new = msgspec.structs.replace(cur, options=s.options, fs_options=s.fs_options)
+                out.append(_event(now, "remount", new, cur))
+                cur = new
+            table.add(cur)
         return out
 
 

@@ -489,3 +489,21 @@ def test_records_are_never_changed_after_they_are_handed_out() -> None:
     w.t.sweep(w.now)
     w.t.resync("lagged", w.now)
     assert [encode_msgpack(e) for e in out if isinstance(e, Event)] == frozen
+
+
+def test_sweep_reports_propagation_then_remount_as_two_events() -> None:
+    """issue 13: both changed on one mount: `propagation`, then `remount`, whose
+    application in order gives the kernel's record."""
+    a = ROOT + 1
+    w = World(mnt(a, ROOT, "/a"))
+    old = w.k.mounts[a]
+    new = w.k.change(a, propagation="shared:3", options="ro,relatime", fs_options="ro")
+    out = w.t.sweep(w.now)
+    w._apply(out)
+    assert actions(out) == [("propagation", a), ("remount", a)]
+    prop, rem = out
+    assert isinstance(prop, Event) and isinstance(rem, Event)
+    assert prop.old == old
+    assert prop.mount == msgspec.structs.replace(old, propagation="shared:3")
+    assert (rem.old, rem.mount) == (prop.mount, new)
+    w.agree()
