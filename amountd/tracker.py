@@ -17,6 +17,8 @@ Two phases are explicit, each an Enum with its transitions:
   explains it (QUIET, WAITING until `due`). POLLPRI comes for every change, remounts
   included, and before the change's fanotify event is queued; one that neither the
   namespace's mount count nor an event explains within `grace` starts a sweep.
+  Propagation changes raise neither POLLPRI nor an event: a background sweep every
+  `sweep_interval` seconds (after `schedule()`) finds them.
 
 Records are built once and never changed (msgspec.structs.replace): the tracker hands
 out the same values it keeps.
@@ -119,10 +121,18 @@ class FanotifyTracker:
     """
 
     def __init__(
-        self, ns_id: int, kernel: Kernel, table: MountTable, *, grace: float = 0.02
+        self,
+        ns_id: int,
+        kernel: Kernel,
+        table: MountTable,
+        *,
+        grace: float = 0.02,
+        sweep_interval: float | None = 30.0,
     ) -> None:
         self.ns_id = ns_id
         self.grace = grace
+        self.sweep_interval = sweep_interval
+        self._background_at: float | None = None  # (mono) the next background sweep
         self.sweeps = 0
         self._kernel = kernel
         self._table = table
@@ -150,8 +160,19 @@ class FanotifyTracker:
 
     @property
     def due(self) -> float | None:
-        """When (mono) the unexplained POLLPRI's grace ends; None when QUIET."""
-        return self._due if self._explain is Explain.WAITING else None
+        """When (mono) the tracker wants to be woken: the unexplained POLLPRI's grace
+        ends, or the background sweep is due; None: only an fd wakes it."""
+        due = self._due if self._explain is Explain.WAITING else None
+        bg = self._background_at
+        if bg is not None and (due is None or bg < due):
+            return bg
+        return due
+
+    def schedule(self, mono: float) -> None:
+        """Start the background sweeps' clock (propagation changes raise no POLLPRI and
+        no event: a sweep every `sweep_interval` finds them)."""
+        if self.sweep_interval is not None and self._background_at is None:
+            self._background_at = mono + self.sweep_interval
 
     def _check_live(self) -> None:
         if self._phase is not Phase.LIVE:
@@ -341,7 +362,8 @@ class FanotifyTracker:
         count: Callable[[], int] | None = None,
         queued: Callable[[], bool] = lambda: False,
     ) -> list[Change]:
-        """After one wake-up of the source's loop, with a process followed.
+        """After one wake-up of the source's loop (`pollpri` only while a process of
+        the namespace is followed), and when `due` came.
 
         `drained`: how many fanotify events were read in this wake-up; `pollpri`:
         whether mountinfo's POLLPRI fired; `count()`: the namespace's mount count now
@@ -355,10 +377,19 @@ class FanotifyTracker:
                 self._due = mono + self.grace
         elif drained:
             self._explain = Explain.QUIET  # the event it waited for came
+        swept = False
+        out: list[Change] = []
         if self._explain is Explain.WAITING and mono >= self._due:
             self._explain = Explain.QUIET
-            return self.sweep(now)  # a POLLPRI that no fanotify event explained
-        return []
+            out = self.sweep(now)  # a POLLPRI that no fanotify event explained
+            swept = True
+        if self._background_at is not None and mono >= self._background_at:
+            if not swept:
+                out = self.sweep(now)
+            swept = True
+        if swept and self._background_at is not None and self.sweep_interval is not None:
+            self._background_at = mono + self.sweep_interval  # a sweep just looked
+        return out
 
     def _explained(
         self, drained: int, count: Callable[[], int] | None, queued: Callable[[], bool]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from amountd import watch
-from amountd.model import Ready
+from amountd.model import Event, Ready
 
 from .conftest import PrivateNs, next_events, next_frames, no_more_frames
 
@@ -34,3 +35,28 @@ async def test_make_shared_then_remount_is_two_events(private_ns: PrivateNs) -> 
     assert rem.old == prop.mount
     assert rem.mount.fs_options == "rw,size=2048k"
     assert rem.mount.propagation == prop.mount.propagation
+
+
+async def test_make_shared_alone_is_found_by_the_background_sweep(
+    private_ns: PrivateNs,
+) -> None:
+    """No POLLPRI, no event: the background sweep (a short interval here) finds it."""
+    from amountd.ns import resolve_ns
+    from amountd.sources.fanotify import FanotifySource
+
+    ns = private_ns
+    a = ns.path("a")
+    ns.mkdir(a)
+    ns.run("mount", "-t", "tmpfs", "ta", a)
+    async with FanotifySource(resolve_ns(ns.pid), sweep_interval=0.3) as src:
+        changes = src.changes()
+        ns.run("mount", "--make-shared", a)
+        with anyio.fail_after(10):
+            batch = await anext(changes)
+        await changes.aclose()
+    [ev] = batch
+    assert isinstance(ev, Event)
+    assert ev.action == "propagation"
+    assert ev.mount.propagation is not None and ev.mount.propagation.startswith("shared:")
+    assert ev.old is not None and ev.old.propagation == ""
+    assert src.sweeps >= 1

@@ -279,10 +279,18 @@ class FanotifySource(Source):
 
     kind = "fanotify"
 
-    def __init__(self, ns: Namespace, *, unlimited_queue: bool = False, grace: float = 0.02):
+    def __init__(
+        self,
+        ns: Namespace,
+        *,
+        unlimited_queue: bool = False,
+        grace: float = 0.02,
+        sweep_interval: float | None = 30.0,
+    ):
         super().__init__(ns)
         self.unlimited_queue = unlimited_queue
         self.grace = grace
+        self.sweep_interval = sweep_interval  # background sweeps (propagation changes)
         self.inside_error: str | None = None
         self._ns_id = ns.ns_id
         self._fan = -1
@@ -353,7 +361,10 @@ class FanotifySource(Source):
         # Marked before listing: a mount attached from here on is either listed or
         # reported (or both: an ATTACH for a listed mount is skipped).
         self.table = _kernel_table(ns_id, self._kernel.inside)
-        self._tracker = FanotifyTracker(ns_id, self._kernel, self.table, grace=self.grace)
+        self._tracker = FanotifyTracker(
+            ns_id, self._kernel, self.table, grace=self.grace, sweep_interval=self.sweep_interval
+        )
+        self._tracker.schedule(anyio.current_time())
         if self._followed is not None and self._followed.first_count is not None:
             self._tracker.count_known(self._followed.first_count)
 
@@ -434,13 +445,13 @@ class FanotifySource(Source):
             if self._fan in ready:
                 drained = self._drain(tracker, out)
             f = self._followed
-            if f is not None and tracker.phase is Phase.LIVE:
+            if tracker.phase is Phase.LIVE:
                 out += tracker.woke(
                     anyio.current_time(),
                     time.time(),
                     drained=drained,
-                    pollpri=f.pri.fd in ready and f.pri.fired(),
-                    count=f.count if f.nsfd >= 0 else None,
+                    pollpri=f is not None and f.pri.fd in ready and f.pri.fired(),
+                    count=f.count if f is not None and f.nsfd >= 0 else None,
                     queued=self._queued,
                 )
             self.table = tracker.table  # a resync builds a new one

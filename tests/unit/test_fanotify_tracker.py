@@ -507,3 +507,39 @@ def test_sweep_reports_propagation_then_remount_as_two_events() -> None:
     assert prop.mount == msgspec.structs.replace(old, propagation="shared:3")
     assert (rem.old, rem.mount) == (prop.mount, new)
     w.agree()
+
+
+def test_background_sweep_finds_a_propagation_change_within_the_interval() -> None:
+    """make-shared raises neither POLLPRI nor an event: only the background sweep,
+    every `sweep_interval` seconds from `schedule()`, finds it."""
+    a = ROOT + 1
+    w = World(mnt(a, ROOT, "/a"))
+    w.t = FanotifyTracker(NS, w.k, w.k.table(), sweep_interval=30.0)
+    assert w.t.due is None  # not scheduled yet
+    w.t.schedule(w.mono)
+    assert w.t.due == w.mono + 30.0
+    w.k.change(a, propagation="shared:1")
+    assert w.woke(29.0, drained=0, pollpri=False) == []
+    assert actions(w.woke(1.0, drained=0, pollpri=False)) == [("propagation", a)]
+    assert w.t.due == pytest.approx(w.mono + 30.0)  # the next one
+    w.agree()
+
+
+def test_any_sweep_puts_the_background_sweep_back() -> None:
+    w = World()
+    w.t = FanotifyTracker(NS, w.k, w.k.table(), sweep_interval=1.0)
+    w.t.schedule(w.mono)
+    w.woke(0.5, drained=0, pollpri=True)  # unexplained: a sweep after the grace
+    assert w.t.due == pytest.approx(w.mono + 0.02)  # the grace comes first
+    w.woke(0.03, drained=0, pollpri=False)
+    assert w.t.sweeps == 1
+    assert w.t.due == pytest.approx(w.mono + 1.0)
+
+
+def test_no_background_sweep_without_an_interval() -> None:
+    w = World()
+    w.t = FanotifyTracker(NS, w.k, w.k.table(), sweep_interval=None)
+    w.t.schedule(w.mono)
+    assert w.t.due is None
+    w.woke(3600.0, drained=0, pollpri=False)
+    assert w.t.sweeps == 0
