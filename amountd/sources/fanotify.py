@@ -12,7 +12,11 @@ fanotify event does not explain gives an event a moment (`grace`) to land, and t
 loop sweeps only when none came. The kernel polls mountinfo for us (AIO, see loop.py),
 so a change wakes the loop, and nothing else, once or twice. The mountinfo file we poll
 keeps the namespace alive, so it is dropped when the last process we know in it exits;
-the namespace's end then arrives as fanotify DETACHes, one per mount.
+the namespace's end then arrives as fanotify DETACHes, one per mount (or, when they
+overflow the queue, as a resync that can no longer list the namespace).
+
+What the events mean is decided by the pure FanotifyTracker (amountd/tracker.py);
+this module waits, reads, parses, and answers the tracker's questions with syscalls.
 """
 
 from __future__ import annotations
@@ -29,16 +33,7 @@ import msgspec
 from ..errors import AmountdError, NamespaceError
 from ..kernel import consts as c
 from ..kernel.errors import KernelError, MountGone, NamespaceGone, PermissionDenied
-from ..kernel.layouts import (
-    FanEvent,
-    StatMount,
-    fs_options_of,
-    options_of,
-    parse_fanotify_events,
-    parse_statmount,
-    propagation_of,
-    statmount_to_mount,
-)
+from ..kernel.layouts import StatMount, parse_fanotify_events, parse_statmount, statmount_to_mount
 from ..kernel.syscalls import (
     enter_mntns,
     fanotify_init,
@@ -49,9 +44,10 @@ from ..kernel.syscalls import (
     statmount,
 )
 from ..loop import FdWatch, PriorityWatch, close_fd
-from ..model import Action, End, Event, Mount, Resync, fspath
+from ..model import Mount
 from ..ns import Namespace, find_pid, open_ns, own_ns_id
-from ..table import MountTable, diff
+from ..table import MountTable
+from ..tracker import FanotifyTracker, Phase, Swept, swept_of
 from .base import Change, Source
 
 __all__ = ["FanotifySource", "read_kernel_table"]
@@ -177,20 +173,6 @@ def in_user_namespace() -> bool:
     return lines != [b"0", b"0", b"4294967295"]
 
 
-def _fan_event(
-    now: float,
-    action: Action,
-    new: Mount,
-    old: Mount | None = None,
-    *,
-    pid: int | None = None,
-    comm: str | None = None,
-) -> Event:
-    return Event(
-        seq=0, time=now, action=action, via="fanotify", mount=new, old=old, pid=pid, comm=comm
-    )
-
-
 def _comm(pid: int) -> str | None:
     # os.open/read: 3 syscalls per event, where open() makes 9 (fstat, isatty, seeks).
     try:
@@ -205,33 +187,126 @@ def _comm(pid: int) -> str | None:
         os.close(fd)
 
 
+class _Statmount:
+    """The tracker's questions, answered by the kernel (the tracker's `Kernel`)."""
+
+    def __init__(self, ns_id: int) -> None:
+        self.ns_id = ns_id
+        self.inside: Inside | None = None  # set while a process of the namespace is followed
+
+    def describe(self, mnt_id: int) -> Mount | None:
+        return _describe(mnt_id, self.ns_id, self.inside)
+
+    def list_ids(self) -> list[int] | None:
+        try:
+            return listmount(self.ns_id)
+        except NamespaceGone:
+            return None
+
+    def probe(self, mnt_id: int) -> bytes | None:
+        """One statmount without paths: flags, fs options, propagation."""
+        try:
+            return statmount(mnt_id, self.ns_id, _SWEEP_MASK)
+        except MountGone:
+            return None
+
+    def decode(self, answer: bytes) -> Swept:
+        return swept_of(_fix_slave(parse_statmount(answer), self.inside, self.ns_id))
+
+    def comm(self, pid: int) -> str | None:
+        return _comm(pid)
+
+
+class _Followed:
+    """A process of the watched namespace: its pidfd (to notice its exit), its mountinfo
+    (POLLPRI), its namespace file (the mount count, Linux 6.12+) and a thread inside it
+    (for propagate_from). Each keeps the namespace alive: they are let go together."""
+
+    def __init__(self, pid: int, pidfd: int, mi: int) -> None:
+        self.pid, self.pidfd, self.mi = pid, pidfd, mi
+        self.nsfd = -1
+        self.first_count: int | None = None
+        try:
+            self.nsfd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            self.first_count = mntns_info(self.nsfd)[0]
+        except (OSError, KernelError):  # before Linux 6.12: the grace alone decides
+            if self.nsfd >= 0:
+                os.close(self.nsfd)
+            self.nsfd = -1
+        self.pri = PriorityWatch(mi)
+        self.inside: Inside | None = None
+
+    @classmethod
+    def open(cls, pid: int) -> _Followed | None:
+        """None when the process is gone (or its mountinfo cannot be opened)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        try:
+            mi = os.open(f"/proc/{pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(pidfd)
+            return None
+        return cls(pid, pidfd, mi)
+
+    def count(self) -> int:
+        """The namespace's mount count now (-1 where the kernel would not say)."""
+        try:
+            return mntns_info(self.nsfd)[0]
+        except KernelError:
+            return -1
+
+    def close(self, watch: FdWatch | None) -> None:
+        if self.inside is not None:
+            self.inside.close()
+            self.inside = None
+        if watch is not None:
+            watch.remove(self.pri.fd)
+        self.pri.close()
+        if self.pidfd >= 0:
+            if watch is not None:
+                watch.remove(self.pidfd)
+            close_fd(self.pidfd)
+        for fd in (self.mi, self.nsfd):
+            if fd >= 0:
+                os.close(fd)
+        self.mi = self.pidfd = self.nsfd = -1
+
+
 class FanotifySource(Source):
+    """Waits, reads and parses; the FanotifyTracker decides what the events mean."""
+
     kind = "fanotify"
 
-    def __init__(self, ns: Namespace, *, unlimited_queue: bool = False, grace: float = 0.02):
+    def __init__(
+        self,
+        ns: Namespace,
+        *,
+        unlimited_queue: bool = False,
+        grace: float = 0.02,
+        sweep_interval: float | None = 30.0,
+    ):
         super().__init__(ns)
         self.unlimited_queue = unlimited_queue
         self.grace = grace
+        self.sweep_interval = sweep_interval  # background sweeps (propagation changes)
+        self.inside_error: str | None = None
         self._ns_id = ns.ns_id
         self._fan = -1
         self._watch: FdWatch | None = None
-        self._pid: int | None = None
-        self._pidfd = -1
-        self._mi = -1  # /proc/PID/mountinfo, for POLLPRI
-        self._pri: PriorityWatch | None = None
-        self._in: Inside | None = None  # a thread in the namespace, for propagate_from
-        self._swept: dict[int, int] = {}  # mount ID -> hash of its last sweep answer
-        self.inside_error: str | None = None
-        self._nsfd = -1  # the namespace, for its mount count (kept as long as `_mi`)
-        self._nr = -1  # its mount count when a POLLPRI was last explained
-        self._unexplained: float | None = None  # when an unexplained POLLPRI's grace ends
-        self._at: dict[tuple[int | None, str | None], set[int]] = {}  # (parent, target)
+        self._followed: _Followed | None = None
+        self._kernel: _Statmount | None = None
+        self._tracker: FanotifyTracker | None = None
         self._buf = bytearray(_READ_SIZE)
-        self.sweeps = 0
 
     @property
     def ns_id(self) -> int | None:
         return self._ns_id
+
+    @property
+    def sweeps(self) -> int:
+        return 0 if self._tracker is None else self._tracker.sweeps
 
     async def arm(self) -> None:
         flags = c.FAN_REPORT_MNT | c.FAN_CLOEXEC | c.FAN_NONBLOCK
@@ -257,9 +332,10 @@ class FanotifySource(Source):
                 nsfd,
                 None,
             )
-            self._ns_id = mntns_id(nsfd)
+            ns_id = self._ns_id = mntns_id(nsfd)
         finally:
             os.close(nsfd)  # an open ns fd would keep the namespace (and its end) alive
+        self._kernel = _Statmount(ns_id)
         self._watch = FdWatch()
         self._watch.add_readable(self._fan)
         self._fan_poll = select.poll()  # is an event queued? (consumes nothing)
@@ -276,7 +352,7 @@ class FanotifySource(Source):
                 f"propagate_from of slave mounts reads 0 ({self.inside_error}; "
                 "entering needs CAP_SYS_ADMIN and CAP_SYS_CHROOT)"
             )
-        if self._pid is None:
+        if self._followed is None:
             notes.append(
                 "remounts and propagation changes are not reported: no process is known in "
                 "the namespace to poll its mountinfo (give --ns a PID)"
@@ -284,59 +360,41 @@ class FanotifySource(Source):
         self.reason = "; ".join(notes) or None
         # Marked before listing: a mount attached from here on is either listed or
         # reported (or both: an ATTACH for a listed mount is skipped).
-        self.table = _kernel_table(self._ns_id, self._in)
-        self._reindex()
+        self.table = _kernel_table(ns_id, self._kernel.inside)
+        self._tracker = FanotifyTracker(
+            ns_id, self._kernel, self.table, grace=self.grace, sweep_interval=self.sweep_interval
+        )
+        self._tracker.schedule(anyio.current_time())
+        if self._followed is not None and self._followed.first_count is not None:
+            self._tracker.count_known(self._followed.first_count)
 
     # ---------------------------------------------------------------- mountinfo pollers
 
     def _follow(self, pid: int) -> None:
         """Poll /proc/PID/mountinfo for POLLPRI, and notice when PID exits."""
         self._drop_pid()
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
+        f = _Followed.open(pid)
+        if f is None:
             return
+        assert self._watch is not None and self._kernel is not None
+        self._followed = f
+        self._watch.add_readable(f.pri.fd)
+        self._watch.add_readable(f.pidfd)
         try:
-            mi = os.open(f"/proc/{pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            os.close(pidfd)
-            return
-        assert self._watch is not None
-        self._pid, self._pidfd, self._mi = pid, pidfd, mi
-        try:
-            self._nsfd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            self._nr = mntns_info(self._nsfd)[0]
-        except (OSError, KernelError):  # before Linux 6.12: the grace alone decides
-            if self._nsfd >= 0:
-                os.close(self._nsfd)
-            self._nsfd = -1
-        self._pri = PriorityWatch(mi)
-        self._watch.add_readable(self._pri.fd)
-        self._watch.add_readable(pidfd)
-        try:
-            self._in = _inside(msgspec.structs.replace(self.ns, path=f"/proc/{pid}/ns/mnt"))
+            f.inside = _inside(msgspec.structs.replace(self.ns, path=f"/proc/{pid}/ns/mnt"))
         except AmountdError as e:
             self.inside_error = str(e)
+        self._kernel.inside = f.inside
+        if self._tracker is not None and f.first_count is not None:
+            self._tracker.count_known(f.first_count)
 
     def _drop_pid(self) -> None:
         """Let go of the namespace: an open mountinfo file keeps it alive."""
-        if self._in is not None:
-            self._in.close()
-            self._in = None
-        if self._pri is not None:
-            if self._watch is not None:
-                self._watch.remove(self._pri.fd)
-            self._pri.close()
-            self._pri = None
-        if self._pidfd >= 0:
-            if self._watch is not None:
-                self._watch.remove(self._pidfd)
-            close_fd(self._pidfd)
-        for fd in (self._mi, self._nsfd):
-            if fd >= 0:
-                os.close(fd)
-        self._pid = None
-        self._mi = self._pidfd = self._nsfd = -1
+        if self._kernel is not None:
+            self._kernel.inside = None
+        if self._followed is not None:
+            self._followed.close(self._watch)
+            self._followed = None
 
     def _pid_exited(self) -> None:
         """Follow another process of the namespace, or let the namespace go."""
@@ -344,257 +402,38 @@ class FanotifySource(Source):
         pid = find_pid(self.ns)
         if pid is not None:
             self._follow(pid)
+        if self._followed is None and self._tracker is not None:
+            self._tracker.unfollowed()
 
-    def _apply(self, events: list[FanEvent], out: list[Change]) -> bool:
-        """Turn kernel events into changes; False once the namespace is gone."""
-        now = time.time()
-        table = self.table
-        ns_id = self._ns_id
-        assert ns_id is not None
-        comms: dict[int, str | None] = {}
-        for ev in events:
-            if ev.mask & c.FAN_Q_OVERFLOW:
-                self._resync("overflow", out)
-                continue
-            mid = ev.mnt_id
-            if mid is None:
-                continue
-            pid = ev.pid if ev.pid > 0 else None
-            comm = None
-            if pid is not None:
-                comm = comms[pid] if pid in comms else comms.setdefault(pid, _comm(pid))
-            attach = ev.mask & c.FAN_MNT_ATTACH
-            detach = ev.mask & c.FAN_MNT_DETACH
-            if attach and detach:  # a move (or pivot_root): same mount, new place
-                old = table.get(mid)
-                new = _describe(mid, ns_id, self._in)
-                if new is None:
-                    if old is not None:  # moved, then gone before we asked
-                        continue  # its DETACH follows and reports it
-                    new = Mount(id=mid, ns_id=ns_id)
-                if new == old:
-                    continue  # described at its new place already, by an earlier event
-                self._put(new)
-                action: Action = "move" if old is not None else "mount"
-                out.append(_fan_event(now, action, new, old, pid=pid, comm=comm))
-                if old is not None and new.target != old.target:
-                    self._refresh_below(mid, now, pid, comm, out)
-                self._retuck(new.parent_id, new.target, mid, out, now=now, pid=pid, comm=comm)
-            elif attach:
-                if mid in table:
-                    continue  # listed at arm or resync time already
-                new = _describe(mid, ns_id, self._in)
-                if new is None:  # came and went: report it, with what we know
-                    new = Mount(id=mid, ns_id=ns_id)
-                self._put(new)
-                out.append(_fan_event(now, "mount", new, pid=pid, comm=comm))
-                self._retuck(new.parent_id, new.target, mid, out, now=now, pid=pid, comm=comm)
-            elif detach:
-                old = self._remove(mid)
-                if old is None:
-                    continue
-                out.append(_fan_event(now, "umount", old, pid=pid, comm=comm))
-                self._retuck(mid, old.target, None, out, now=now, pid=pid, comm=comm)
-                if not len(table):
-                    out.append(End(reason=f"mount namespace {ns_id} was freed"))
-                    return False
-        return True
+    # ------------------------------------------------------------------------ reading
 
-    def _put(self, m: Mount) -> None:
-        """A record freshly described: the sweep must not trust its old answer for it."""
-        old = self.table.get(m.key)
-        if old is not None:
-            self._at.get((old.parent_id, old.target), set()).discard(m.key)
-        self.table.add(m)
-        self._at.setdefault((m.parent_id, m.target), set()).add(m.key)
-        self._swept.pop(m.key, None)
-
-    def _remove(self, key: int) -> Mount | None:
-        old = self.table.pop(key)
-        if old is not None:
-            self._at.get((old.parent_id, old.target), set()).discard(key)
-        return old
-
-    def _reindex(self) -> None:
-        self._at = {}
-        for m in self.table:
-            self._at.setdefault((m.parent_id, m.target), set()).add(m.key)
-
-    def _retuck(
-        self,
-        parent: int | None,
-        target: str | None,
-        skip: int | None,
-        out: list[Change],
-        *,
-        now: float,
-        pid: int | None,
-        comm: str | None,
-    ) -> None:
-        """A mount propagated to a place another mount covers is slid in underneath it,
-        and an umount there hands the covering mount back to the parent below: either
-        way the covering mount gets a new parent, and the kernel says nothing of it. So
-        after an attach at (parent, target), and after a detach of X (its covering
-        mount sits at (X, X's target)), re-describe what stands there."""
-        for key in list(self._at.get((parent, target), ())):
-            if key == skip:
-                continue
-            old = self.table.get(key)
-            assert self._ns_id is not None
-            new = _describe(key, self._ns_id, self._in)
-            if old is None or new is None or new == old:
-                continue
-            self._put(new)
-            out.append(_fan_event(now, "move", new, old, pid=pid, comm=comm))
-
-    def _refresh_below(
-        self, top: int, now: float, pid: int | None, comm: str | None, out: list[Change]
-    ) -> None:
-        """A moved mount takes its subtree along, but the kernel reports only the mount
-        itself (and pivot_root only the two roots): re-describe the descendants and
-        report each one whose place changed as a move, as the mountinfo diff would."""
-        table = self.table
-        ns_id = self._ns_id
-        assert ns_id is not None
-        kids: dict[int, list[int]] = {}
-        for key, m in table.items():
-            if m.parent_id is not None and m.parent_id != key:
-                kids.setdefault(m.parent_id, []).append(key)
-        todo = list(kids.get(top, ()))
-        seen = {top}
-        while todo:
-            key = todo.pop()
-            if key in seen:
-                continue
-            seen.add(key)
-            todo.extend(kids.get(key, ()))
-            old = table.get(key)
-            new = _describe(key, ns_id, self._in)
-            if old is None or new is None or new == old:
-                continue  # gone: its DETACH follows
-            self._put(new)
-            out.append(_fan_event(now, "move", new, old, pid=pid, comm=comm))
-
-    def _resync(self, reason: str, out: list[Change]) -> None:
-        """Rebuild from listmount + statmount; the difference goes out `via: resync`."""
-        out.append(Resync(seq=0, reason=reason))
-        assert self._ns_id is not None
-        try:
-            new = _kernel_table(self._ns_id, self._in)
-        except NamespaceGone:
-            new = MountTable()
-        out.extend(diff(self.table, new, via="resync", time=time.time(), ns_id=self._ns_id))
-        self.table = new
-        self._reindex()
-        self._swept.clear()
-
-    def _sweep(self, out: list[Change]) -> None:
-        """Find remounts and propagation changes: flags and fs options of every mount.
-
-        One statmount without paths per mount; an answer equal to the last sweep's for
-        that mount (by hash) is skipped unparsed, and a mount whose options or
-        propagation differ from the table's is replaced and reported.
-        """
-        self.sweeps += 1
-        ns_id = self._ns_id
-        assert ns_id is not None
-        table = self.table
-        swept = self._swept
-        now = time.time()
-        try:
-            ids = listmount(ns_id)
-        except NamespaceGone:
-            return
-        if len(swept) > 2 * len(ids):  # forget mounts that are gone
-            live = set(ids)
-            self._swept = swept = {k: v for k, v in swept.items() if k in live}
-        for mid in ids:
-            old = table.get(mid)
-            if old is None:
-                continue  # new: its ATTACH is on the way
-            try:
-                raw = statmount(mid, ns_id, _SWEEP_MASK)
-            except MountGone:
-                continue  # its DETACH is on the way
-            digest = hash(raw)
-            if swept.get(mid) == digest:
-                continue  # unchanged since the last sweep, and not re-described since
-            swept[mid] = digest
-            sm = parse_statmount(raw)
-            sm = _fix_slave(sm, self._in, ns_id)
-            if sm.mnt_parent_id is not None and sm.mnt_parent_id != old.parent_id:
-                # a new parent no event told of (see _retuck): describe it anew
-                moved = _describe(mid, ns_id, self._in)
-                if moved is not None and moved != old:
-                    self._put(moved)
-                    out.append(_fan_event(now, "move", moved, old))
-                continue
-            if sm.mnt_attr is None or sm.sb_flags is None or sm.mnt_propagation is None:
-                continue
-            options = options_of(sm.mnt_attr)
-            fs_options = fspath(fs_options_of(sm.sb_flags, sm.mnt_opts))
-            propagation = propagation_of(
-                sm.mnt_propagation,
-                sm.mnt_peer_group or 0,
-                sm.mnt_master or 0,
-                sm.propagate_from or 0,
-            )
-            if (options, fs_options, propagation) == (old.options, old.fs_options, old.propagation):
-                continue
-            new = msgspec.structs.replace(
-                old, options=options, fs_options=fs_options, propagation=propagation
-            )
-            action: Action = (
-                "remount"
-                if (options, fs_options) != (old.options, old.fs_options)
-                else "propagation"
-            )
-            table.add(new)
-            out.append(_fan_event(now, action, new, old))
-
-    def _drain(self, out: list[Change]) -> tuple[int, bool]:
-        """Read every queued event; (how many, whether the namespace lives on)."""
+    def _drain(self, tracker: FanotifyTracker, out: list[Change]) -> int:
+        """Read every queued event into the tracker; how many were read."""
         n = 0
         while True:
             try:
                 got = os.readv(self._fan, (self._buf,))  # no 256 KiB allocation per read
             except BlockingIOError:
-                return n, True
+                return n
             except OSError as e:
                 raise AmountdError(f"reading fanotify events failed: {e.strerror}") from None
             events = parse_fanotify_events(memoryview(self._buf)[:got])
             n += len(events)
-            if not self._apply(events, out):
-                return n, False
+            out += tracker.feed(events, time.time())
+            if tracker.phase is Phase.ENDED:
+                return n
             if got < _READ_SIZE - 1024:
-                return n, True  # a short read emptied the queue; what comes next wakes us
+                return n  # a short read emptied the queue; what comes next wakes us
 
-    def _explained(self, drained: int) -> bool:
-        """Does a fanotify event account for the POLLPRI that just came?
-
-        A mount or umount changes the namespace's mount count (NS_MNT_GET_INFO, one
-        ioctl) and a remount does not: a changed count is explained at once, whenever
-        its fanotify event lands (measured: up to ~20 ms after the POLLPRI under load).
-        An unchanged count is a remount, a propagation change, a move, or a mount and
-        umount taken together: an event read in the same wake-up, queued, or landing
-        within `grace` explains it; else the loop sweeps. Polling the fanotify fd
-        consumes nothing.
-        """
-        if self._nsfd >= 0:
-            try:
-                nr = mntns_info(self._nsfd)[0]
-            except KernelError:
-                nr = -1
-            if nr != self._nr:  # a mount or umount: fanotify reports it, now or soon
-                self._nr = nr
-                return True
-        return drained > 0 or bool(self._fan_poll.poll(0))
+    def _queued(self) -> bool:
+        """Is a fanotify event queued, unread? (Polling consumes nothing.)"""
+        return bool(self._fan_poll.poll(0))
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:
-        watch = self._watch
-        assert watch is not None, "arm() first"
+        watch, tracker = self._watch, self._tracker
+        assert watch is not None and tracker is not None, "arm() first"
         while True:
-            due = self._unexplained
+            due = tracker.due
             if due is None:
                 ready = await watch.wait()
             else:  # an unexplained POLLPRI: wake by its grace's end at the latest
@@ -602,24 +441,24 @@ class FanotifySource(Source):
                 with anyio.move_on_after(due - anyio.current_time()):
                     ready = await watch.wait()
             out: list[Change] = []
-            alive = True
             drained = 0
             if self._fan in ready:
-                drained, alive = self._drain(out)
-            pri = self._pri
-            if alive and pri is not None:
-                if pri.fd in ready and pri.fired() and not self._explained(drained):
-                    if self._unexplained is None:
-                        self._unexplained = anyio.current_time() + self.grace
-                elif drained:
-                    self._unexplained = None  # the event it waited for came
-                if self._unexplained is not None and anyio.current_time() >= self._unexplained:
-                    self._unexplained = None
-                    self._sweep(out)  # a POLLPRI that no fanotify event explained
-            if not alive:
+                drained = self._drain(tracker, out)
+            f = self._followed
+            if tracker.phase is Phase.LIVE:
+                out += tracker.woke(
+                    anyio.current_time(),
+                    time.time(),
+                    drained=drained,
+                    pollpri=f is not None and f.pri.fd in ready and f.pri.fired(),
+                    count=f.count if f is not None and f.nsfd >= 0 else None,
+                    queued=self._queued,
+                )
+            self.table = tracker.table  # a resync builds a new one
+            if tracker.phase is Phase.ENDED:
                 yield out
                 return
-            if self._pidfd >= 0 and self._pidfd in ready:
+            if f is not None and f.pidfd in ready:
                 self._pid_exited()
             if out:
                 yield out
