@@ -79,6 +79,10 @@ def serve_config(settings: Config) -> ServeConfig:
         queue=settings.queue,
         ring=settings.ring,
         unlimited_queue=settings.unlimited_queue,
+        max_connections=settings.max_connections,
+        max_connections_per_uid=settings.max_connections_per_uid,
+        stall_timeout=settings.stall_timeout,
+        snapshot_cache=settings.snapshot_cache,
     )
 
 
