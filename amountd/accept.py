@@ -68,34 +68,39 @@ class ResilientListener(anyio.abc.Listener[Any]):
     async def serve(
         self, handler: Callable[[Any], Any], task_group: anyio.abc.TaskGroup | None = None
     ) -> None:
-        async with anyio.create_task_group() as own:
-            tg = task_group if task_group is not None else own
+        if task_group is None:
+            async with anyio.create_task_group() as tg:
+                await self._accept_loop(handler, tg)
+        else:
+            await self._accept_loop(handler, task_group)
+
+    async def _accept_loop(self, handler: Callable[[Any], Any], tg: anyio.abc.TaskGroup) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                stream = await self.accept()
+            except anyio.ClosedResourceError:
+                raise
+            except (OSError, anyio.BrokenResourceError) as e:
+                code = _errno(e)
+                if code in SHORTAGE:
+                    self.shortages += 1
+                    held = self._log.allow(code, time.monotonic())
+                    if held is not None:
+                        log.warning(
+                            "%s: cannot accept a connection: %s%s; retrying",
+                            self.name or "listener",
+                            errno.errorcode.get(code or 0, "?"),
+                            f" ({held} more since the last message)" if held else "",
+                        )
+                    await anyio.sleep(backoff)
+                    backoff = min(BACKOFF_MAX, backoff * 2)
+                    continue
+                if code in _SKIP:
+                    continue
+                raise
             backoff = BACKOFF_MIN
-            while True:
-                try:
-                    stream = await self.accept()
-                except anyio.ClosedResourceError:
-                    raise
-                except (OSError, anyio.BrokenResourceError) as e:
-                    code = _errno(e)
-                    if code in SHORTAGE:
-                        self.shortages += 1
-                        held = self._log.allow(code, time.monotonic())
-                        if held is not None:
-                            log.warning(
-                                "%s: cannot accept a connection: %s%s; retrying",
-                                self.name or "listener",
-                                errno.errorcode.get(code or 0, "?"),
-                                f" ({held} more since the last message)" if held else "",
-                            )
-                        await anyio.sleep(backoff)
-                        backoff = min(BACKOFF_MAX, backoff * 2)
-                        continue
-                    if code in _SKIP:
-                        continue
-                    raise
-                backoff = BACKOFF_MIN
-                tg.start_soon(handler, stream)
+            tg.start_soon(handler, stream)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
