@@ -90,6 +90,12 @@ TOKEN_MIN = 16
 KEEPALIVE = (60, 10, 6)
 """TCP keepalive: idle seconds before the first probe, seconds between probes, probes."""
 USER_TIMEOUT = 120.0
+PROC_READERS = 8
+"""Threads that may read /proc for connections at once: their fds come from the reserve
+(amountd.limits.FD_RESERVE) that connections never get."""
+REFUSING = 16
+"""Over-cap connections told `too-many` at once; past that they are closed unanswered,
+so the refusals cannot take the fds the reserve keeps."""
 """TCP_USER_TIMEOUT: seconds sent data may go unacknowledged before the peer is dropped."""
 
 
@@ -325,9 +331,9 @@ def _peer_key(sock: socket.socket | None) -> int | str | None:
     except OSError:
         return None
     if is_loopback(host):
-        uid = tcp_peer_uid(sock)
-        if uid is not None:
-            return uid
+        # Not found (or /proc unreadable: out of fds): one shared bucket, never a way
+        # around the cap.
+        return tcp_peer_uid(sock)
     return host
 
 
@@ -514,6 +520,10 @@ class Server:
         self.guesses = Guesses()
         self.too_many = 0
         """Connections refused for a cap (`too-many`)."""
+        self.refusing = 0
+        """Over-cap connections being told so now (each holds an fd meanwhile)."""
+        self.proc_readers = anyio.CapacityLimiter(PROC_READERS)
+        """Threads reading /proc for peers at once (each holds an fd or two)."""
         self.stalls = 0
         """Subscribers closed as `stalled`."""
         self.token_failures = 0
@@ -596,7 +606,9 @@ class Server:
                     if sock is not None and sock.family == socket.AF_UNIX:
                         conn.key = _peer_key(sock)  # SO_PEERCRED: no /proc to read
                     else:
-                        conn.key = await anyio.to_thread.run_sync(_peer_key, sock)
+                        conn.key = await anyio.to_thread.run_sync(
+                            _peer_key, sock, limiter=self.proc_readers
+                        )
                     joined = limits.join(conn.key)
                 try:
                     if not admitted:
@@ -614,7 +626,13 @@ class Server:
                 except ProtocolError as e:
                     self.too_many += 1
                     self._log_refusal(conn, lst, e)
-                    await self._refuse(stream, e, linger=0.5)
+                    if self.refusing >= REFUSING:
+                        return  # closed unanswered (finally): no fds to spare
+                    self.refusing += 1
+                    try:
+                        await self._refuse(stream, e, linger=0.5)
+                    finally:
+                        self.refusing -= 1
                     return
                 await self._serve(stream, lst, conn)
         except _Gone:
@@ -660,15 +678,22 @@ class Server:
                     self, stream, req, _raw_socket(stream), token=lst.token is not None
                 )
                 return
-            req = await anyio.to_thread.run_sync(  # who may see what; it may scan /proc
-                functools.partial(
-                    scope_request,
-                    req,
-                    _raw_socket(stream),
-                    token=lst.token is not None,
-                    socket_gid=self.socket_gid,
+            try:
+                req = await anyio.to_thread.run_sync(  # who may see what; it may scan /proc
+                    functools.partial(
+                        scope_request,
+                        req,
+                        _raw_socket(stream),
+                        token=lst.token is not None,
+                        socket_gid=self.socket_gid,
+                    ),
+                    limiter=self.proc_readers,
                 )
-            )
+            except OSError as e:  # /proc unreadable: out of fds or memory, for now
+                raise ProtocolError(
+                    "unavailable",
+                    f"cannot tell what you may see now ({e.strerror or e}): try again later",
+                ) from None
         except ProtocolError as e:
             self._log_refusal(conn, lst, e)
             await self._refuse(stream, e)
