@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import grp
 import logging
@@ -448,9 +449,15 @@ async def _send_direct(sock: socket.socket, data: bytes, stall: float) -> None:
     await anyio.lowlevel.checkpoint()  # a write that never waits is still a checkpoint
 
 
+_GONE = frozenset({errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED})
+"""What a socket says once its peer has gone (trio's shutdown() after a reset: ENOTCONN)."""
+
+
 def _is_disconnect(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_disconnect(e) for e in exc.exceptions)
+    if isinstance(exc, OSError) and exc.errno in _GONE:
+        return True
     return isinstance(
         exc,
         (
