@@ -34,6 +34,7 @@ from .model import (
     Snapshot,
 )
 from .protocol import Format, SubscribeRequest, frame_json, frame_msgpack
+from .snapcache import DEFAULT_SNAPSHOT_CACHE, SnapshotCache
 
 __all__ = ["Broker", "BrokerStats", "SubscriberStats", "Subscription"]
 
@@ -357,6 +358,7 @@ class Broker:
         ns_id: int | None = None,
         source: str = "unknown",
         reason: str | None = None,
+        snapshot_cache: int = DEFAULT_SNAPSHOT_CACHE,
     ) -> None:
         if queue < 1:
             raise ValueError("queue must hold at least one frame")
@@ -380,7 +382,8 @@ class Broker:
         # what it missed, though `end` has no seq and is not in the ring.
         self._ns_ends: deque[_NsEnd] = deque(maxlen=_NS_ENDS)
         self._ns_end_count = 0
-        self._snapshots: dict[tuple[str, Any], tuple[int, bytes]] = {}
+        self._snapshots = SnapshotCache(snapshot_cache)
+        """Encoded snapshots by (format, filter), bounded in bytes (amountd.snapcache)."""
 
     # --- the source's side -------------------------------------------------------------
 
@@ -560,16 +563,14 @@ class Broker:
         """The table as of last_seq, filtered for the group, encoded once per seq."""
         seq = self._seq
         cache_key = (fmt, group.key)
-        hit = self._snapshots.get(cache_key)
-        if hit is not None and hit[0] == seq:
-            return hit[1]
+        hit = self._snapshots.get(cache_key, seq)
+        if hit is not None:
+            return hit
         mounts = list(self._table())
         if not group.empty:
             mounts = filter_mounts(group.filter, mounts)
         b = _Item(Snapshot(seq=seq, ns_id=self.ns_id, mounts=mounts), seq).encoded(fmt)
-        if len(self._snapshots) > 64:
-            self._snapshots = {k: v for k, v in self._snapshots.items() if v[0] == seq}
-        self._snapshots[cache_key] = (seq, b)
+        self._snapshots.put(cache_key, seq, b)
         return b
 
     # --- numbers -----------------------------------------------------------------------
@@ -577,6 +578,11 @@ class Broker:
     @property
     def subscribers(self) -> int:
         return self._nsubs
+
+    @property
+    def snapshot_cache(self) -> SnapshotCache:
+        """The encoded snapshots kept (its `bytes`, `limit`, `hits`, `misses`)."""
+        return self._snapshots
 
     def subscriptions(self) -> list[Subscription]:
         return [s for g in self._groups.values() for s in g.subs]

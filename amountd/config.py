@@ -7,6 +7,7 @@ setting silently ignored. Every error is one AmountdError line a sysadmin can ac
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -18,7 +19,13 @@ import msgspec.toml
 from . import DEFAULT_SOCKET
 from .errors import AmountdError, UsageError
 from .filter import Filter
+from .limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_UID,
+    DEFAULT_STALL_TIMEOUT,
+)
 from .model import Action, fspath
+from .snapcache import DEFAULT_SNAPSHOT_CACHE
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -88,7 +95,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     queue: Annotated[int, msgspec.Meta(ge=1)] = 1024
     ring: Annotated[int, msgspec.Meta(ge=0)] = 65536
     unlimited_queue: bool = False
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_uid: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_CONNECTIONS_PER_UID
+    stall_timeout: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_STALL_TIMEOUT
+    snapshot_cache: Annotated[int, msgspec.Meta(ge=0)] = DEFAULT_SNAPSHOT_CACHE
     metrics: str | None = None
+    metrics_public: bool = False
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     filter: FilterConfig = FilterConfig()
@@ -205,15 +217,32 @@ def _normalize(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check(config: Config, where: str, name: Any = repr) -> None:
     """What the types alone cannot say; `name(key)` spells a key for the message."""
     for key in ("tcp", "metrics"):
         value = getattr(config, key)
         if value is not None:
             try:
-                parse_hostport(value)
+                host, _ = parse_hostport(value)
             except ValueError as e:
                 raise ConfigError(f"bad value for {name(key)} in {where}: {e}") from None
+            if key == "metrics" and not config.metrics_public and not _loopback(host):
+                allow = (
+                    "set metrics_public = true" if name is repr else f"add {name('metrics_public')}"
+                )
+                raise ConfigError(
+                    f"bad value for {name(key)} in {where}: {value} is reachable from other "
+                    f"machines: {allow} to serve metrics there, or use 127.0.0.1:PORT"
+                )
     for i, ns in enumerate(config.ns):
         if not ns:
             raise ConfigError(f"bad value for {name(f'ns[{i}]')} in {where}: empty")

@@ -232,6 +232,36 @@ class Metrics:
                 EVENT_SECONDS_BUCKETS,
             )
         )
+        self.connections = self.add(
+            Gauge("amountd_connections", "Connections open now (subscribers and others).")
+        )
+        self.connection_limit = self.add(
+            Gauge("amountd_connection_limit", "Connections allowed open at once, in all.")
+        )
+        self.connection_limit_per_uid = self.add(
+            Gauge(
+                "amountd_connection_limit_per_uid",
+                "Connections allowed open at once from one uid (root excepted) or address.",
+            )
+        )
+        self.refused_too_many = self.add(
+            Counter(
+                "amountd_connections_refused_total",
+                "Connections refused for a connection cap (error code too-many).",
+            )
+        )
+        self.stalled = self.add(
+            Counter(
+                "amountd_stalled_total",
+                "Subscribers closed because they read nothing for --stall-timeout.",
+            )
+        )
+        self.token_failures = self.add(
+            Counter("amountd_token_failures_total", "Requests refused for a wrong or no token.")
+        )
+        self.snapshot_cache_bytes = self.add(
+            Gauge("amountd_snapshot_cache_bytes", "Bytes of encoded snapshots kept for reuse.")
+        )
         self.up = self.add(Gauge("amountd_up", "1 while the server is serving."))
         self.up.set(1)
         self.start_time = self.add(

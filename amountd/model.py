@@ -192,6 +192,16 @@ class Status(msgspec.Struct, kw_only=True, tag="status", tag_field="type"):
     drops: int = 0
     subscribers: int = 0
     subscriber: list[SubscriberStatus] = []
+    connections: int = 0
+    """Connections open now (subscribers, status requests, those being refused)."""
+    max_connections: int = 0
+    max_connections_per_uid: int = 0
+    connections_by_uid: dict[str, int] = {}
+    """Open connections per uid (a remote peer: its address; `None`: not known)."""
+    refused_too_many: int = 0
+    stalled: int = 0
+    snapshot_cache_bytes: int = 0
+    snapshot_cache_limit: int = 0
 
 
 Frame = Snapshot | Ready | Event | Resync | End | Error | Status

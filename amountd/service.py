@@ -79,6 +79,10 @@ def serve_config(settings: Config) -> ServeConfig:
         queue=settings.queue,
         ring=settings.ring,
         unlimited_queue=settings.unlimited_queue,
+        max_connections=settings.max_connections,
+        max_connections_per_uid=settings.max_connections_per_uid,
+        stall_timeout=settings.stall_timeout,
+        snapshot_cache=settings.snapshot_cache,
     )
 
 
@@ -93,6 +97,18 @@ class ServerMetrics(Metrics):
         self.broker = broker
         self.subscribers.fn = lambda: broker.subscribers
         self.queue_drops.fn = lambda: broker.stats().drops
+        self.snapshot_cache_bytes.fn = lambda: broker.snapshot_cache.bytes
+
+    def attach_server(self, server: Server) -> None:
+        """The connection counts and limits the server keeps (amountd.limits)."""
+        self.attach(server.broker)
+        limits = server.limits
+        self.connections.fn = lambda: limits.total
+        self.connection_limit.fn = lambda: limits.limit
+        self.connection_limit_per_uid.fn = lambda: limits.per_key
+        self.refused_too_many.fn = lambda: server.too_many
+        self.stalled.fn = lambda: server.stalls
+        self.token_failures.fn = lambda: server.token_failures
 
     def render(self) -> bytes:
         if self.broker is not None:
@@ -266,7 +282,7 @@ class Service:
         self.listeners = [_bound(lst) for lst in listeners]
         async with anyio.create_task_group() as tg:
             if self.metrics is not None and self.metrics_addr is not None:
-                self.metrics.attach(server.broker)
+                self.metrics.attach_server(server)
                 host, port = self.metrics_addr
                 try:
                     bound = await tg.start(serve_metrics, self.metrics, host, port)
@@ -390,6 +406,14 @@ class Service:
             overflows=self.overflows,
             drops=stats.drops,
             subscribers=stats.subscribers,
+            connections=server.limits.total,
+            max_connections=server.limits.limit,
+            max_connections_per_uid=server.limits.per_key,
+            connections_by_uid={str(k): n for k, n in server.limits.by_key().items()},
+            refused_too_many=server.too_many,
+            stalled=server.stalls,
+            snapshot_cache_bytes=broker.snapshot_cache.bytes,
+            snapshot_cache_limit=broker.snapshot_cache.limit,
             subscriber=[
                 SubscriberStatus(
                     id=st.id,

@@ -29,16 +29,76 @@ _SETTINGS = (
     "queue",
     "ring",
     "unlimited_queue",
+    "max_connections",
+    "max_connections_per_uid",
+    "stall_timeout",
+    "snapshot_cache",
     "metrics",
+    "metrics_public",
     "log_level",
     "log_format",
 )
 """The serve flags that are also settings-file keys (amountd.config.Config)."""
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K, M or G suffix (powers of 1,024): 32M."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    number = t[: len(t) - len(unit)]
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a size like 33554432 or 32M, got {text!r}")
+    return int(number) * _UNITS[unit]
+
+
+def _whole(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """What bounds a hostile or faulty client (amountd.limits, amountd.snapcache)."""
+    from .cli import _seconds
+
+    g = p.add_argument_group("limits (each bounds what a local client can make the server hold)")
+    g.add_argument(
+        "--max-connections",
+        type=_whole,
+        metavar="N",
+        help="connections open at once, in all (default: 1024; lowered to the fd limit "
+        "less 64); one more gets an `error` frame, code too-many",
+    )
+    g.add_argument(
+        "--max-connections-per-uid",
+        type=_whole,
+        metavar="N",
+        help="connections open at once from one uid other than root, or one remote "
+        "address (default: 128)",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="close a subscriber that reads nothing for SECONDS while frames wait for it, "
+        "with an `error` frame, code stalled (default: 60)",
+    )
+    g.add_argument(
+        "--snapshot-cache",
+        type=_size,
+        metavar="BYTES",
+        help="encoded snapshots kept for reuse, at most (least recently used go first; "
+        "K, M, G suffixes; default: 32M)",
+    )
+
+
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     """The settings flags of `serve`; and every settings flag defaults to None, so that
     a flag the user did not give leaves the file's value alone (config.merge)."""
+    _add_limit_flags(p)
     p.add_argument(
         "--config",
         metavar="PATH",
@@ -49,7 +109,14 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: on "
-        "127.0.0.1); off by default",
+        "127.0.0.1); off by default. An address other than loopback needs --metrics-public",
+    )
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        default=None,
+        help="allow --metrics on an address other machines can reach (anyone who can "
+        "connect can read the counts and the version)",
     )
     p.add_argument(
         "--log-level",

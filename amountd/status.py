@@ -93,6 +93,10 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return out
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 def format_status(st: Status) -> str:
     """The status as a few lines of text (no trailing newline)."""
     lines = [f"amountd {st.version or '?'}, pid {st.pid}, up {duration(st.uptime)}"]
@@ -108,6 +112,18 @@ def format_status(st: Status) -> str:
         f"events:      {st.events} published; {_plural(st.resyncs, 'resync')} "
         f"({_plural(st.overflows, 'overflow')}); {_plural(st.drops, 'queue drop')}"
     )
+    if st.max_connections:
+        busiest = sorted(st.connections_by_uid.items(), key=lambda kv: -kv[1])[:3]
+        per = ", ".join(f"{k}: {n}" for k, n in busiest)
+        lines.append(
+            f"connections: {st.connections} of {st.max_connections} (at most "
+            f"{st.max_connections_per_uid} per uid{'; ' + per if per else ''}); "
+            f"{st.refused_too_many} refused (too-many), {st.stalled} stalled"
+        )
+        lines.append(
+            f"snapshots:   {_mib(st.snapshot_cache_bytes)} cached of "
+            f"{_mib(st.snapshot_cache_limit)}"
+        )
     lines.append(f"subscribers: {st.subscribers}")
     if st.subscriber:
         rows = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -37,10 +38,12 @@ def ns_id_of(pid: int) -> int:
 class Serve:
     """`python -m amountd serve --unix SOCK ARGS...` with its log in a file."""
 
-    def __init__(self, sock: Path, backend: str, *args: str) -> None:
+    def __init__(self, sock: Path, backend: str, *args: str, nofile: int | None = None) -> None:
         self.sock = sock
         self.backend = backend
         self.args = args
+        self.nofile = nofile
+        """RLIMIT_NOFILE, soft and hard, for the server (None: ours)."""
         self.log = sock.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
@@ -52,8 +55,20 @@ class Serve:
         self.log = self.sock.with_suffix(f".{self.runs}.log")
         cmd = [sys.executable, "-m", "amountd", "serve", "--backend", self.backend]
         cmd += ["--unix", str(self.sock), *self.args]
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=limit,  # noqa: PLW1509 (setrlimit only: safe after fork)
+            )
         deadline = time.monotonic() + timeout
         while "serving on " not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -115,6 +130,10 @@ class Serve:
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
+
+    def fds(self) -> int:
+        """Open file descriptors, from /proc/PID/fd."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
 class RawSub:

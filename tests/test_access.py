@@ -295,7 +295,8 @@ def test_the_socket_group_and_a_token_see_everything(
     a, b = two_ns
     ida, idb = ns_id_of(a.pid), ns_id_of(b.pid)
     token = open_dir / "token"
-    token.write_text("s3cret\n")
+    token.write_text("s3cret-s3cret-s3cret\n")
+    token.chmod(0o600)
     group = 1  # "daemon" on Debian; any group will do
     srv = Serve(
         open_dir / "amountd.sock",
@@ -319,7 +320,8 @@ def test_the_socket_group_and_a_token_see_everything(
         assert proc.returncode == 0, proc.stderr.decode()
         snap = frames[0]
         assert isinstance(snap, Snapshot) and {m.ns_id for m in snap.mounts} == {ida, idb}
-        line = json.dumps({"type": "subscribe", "version": 1, "snapshot": True, "token": "s3cret"})
+        req = {"type": "subscribe", "version": 1, "snapshot": True, "token": "s3cret-s3cret-s3cret"}
+        line = json.dumps(req)
         proc = subprocess.run(
             [sys.executable, "-c", CLIENT, f"tcp:{port}", line, "0", str(NOBODY), str(NOBODY)],
             capture_output=True,

@@ -335,7 +335,12 @@ _VALUES: dict[str, Any] = {
     "queue": 3,
     "ring": 3,
     "unlimited_queue": True,
+    "max_connections": 5,
+    "max_connections_per_uid": 2,
+    "stall_timeout": 1.5,
+    "snapshot_cache": 1024,
     "metrics": "9733",
+    "metrics_public": True,
     "log_level": "error",
     "log_format": "json",
     "filter": FilterConfig(under="/x"),
@@ -358,3 +363,26 @@ def test_reloadable_partitions_exactly_the_changed_keys(keys: set[str]) -> None:
     assert not set(later) & LIVE_KEYS
     applied = apply_live(old, new)
     assert reloadable(applied, new) == ([], later)
+
+
+def test_metrics_on_a_public_address_needs_metrics_public() -> None:
+    with pytest.raises(ConfigError, match="reachable from other machines: set metrics_public"):
+        parse_config(b'metrics = "0.0.0.0:9733"', "/etc/amountd/amountd.toml")
+    ok = parse_config(b'metrics = "0.0.0.0:9733"\nmetrics_public = true')
+    assert ok.metrics == "0.0.0.0:9733" and ok.metrics_public
+    assert parse_config(b'metrics = "[::1]:9733"').metrics == "[::1]:9733"
+    assert parse_config(b'metrics = "localhost:9733"').metrics == "localhost:9733"
+    with pytest.raises(UsageError, match="add --metrics-public"):
+        merge(Config(), {"metrics": "10.0.0.1:9733"})
+    assert merge(Config(), {"metrics": "10.0.0.1:9733", "metrics_public": True}).metrics_public
+
+
+def test_limits_have_their_defaults_and_are_checked() -> None:
+    c = Config()
+    assert (c.max_connections, c.max_connections_per_uid) == (1024, 128)
+    assert (c.stall_timeout, c.snapshot_cache) == (60.0, 32 * 1024 * 1024)
+    with pytest.raises(ConfigError, match="'max_connections'"):
+        parse_config(b"max_connections = 0")
+    with pytest.raises(ConfigError, match="'stall_timeout'"):
+        parse_config(b"stall_timeout = 0")
+    assert parse_config(b"stall_timeout = 5\nsnapshot_cache = 0").stall_timeout == 5.0

@@ -395,7 +395,8 @@ async def test_bad_requests_get_an_error_and_close_only_their_connection(
     dirs = [ns.path(f"m{i}") for i in range(10)]
     ns.mkdir(*dirs)
     token = tmp_path / "token"
-    token.write_text("s3cret\n")
+    token.write_text("s3cret-s3cret-s3cret\n")
+    token.chmod(0o600)
     srv = server_for("--tcp", "127.0.0.1:0", "--token-file", str(token))
     port = srv.tcp_port()
     mounted = iter(dirs)
@@ -430,7 +431,7 @@ async def test_bad_requests_get_an_error_and_close_only_their_connection(
                 await anext(frames)
         assert info.value.code == "forbidden"
         # The right token over TCP; the Unix socket asks for none.
-        async with connect(f"tcp://127.0.0.1:{port}", token="s3cret") as tcp:
+        async with connect(f"tcp://127.0.0.1:{port}", token="s3cret-s3cret-s3cret") as tcp:
             [ready] = await next_frames(tcp, 1)
             assert isinstance(ready, Ready)
             await still_served()

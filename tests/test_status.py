@@ -164,7 +164,8 @@ def daemon(private_ns: PrivateNs, tmp_path: Path, anyio_backend: str) -> Iterato
     public = Path(tempfile.mkdtemp(prefix="amountd-status-", dir="/tmp"))
     public.chmod(0o755)
     token = tmp_path / "token"
-    token.write_text("sesame\n")
+    token.write_text("open-sesame-open-sesame\n")
+    token.chmod(0o600)
     conf = tmp_path / "amountd.toml"
     conf.write_text('socket_mode = "0666"\n')  # anyone may connect; status is still guarded
     d = Daemon(
