@@ -28,7 +28,6 @@ import select
 import signal
 import socket
 import ssl
-import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -59,6 +58,7 @@ from .protocol import (
 )
 from .render import human_path
 from .service import Service
+from .sockdir import bind_unix
 from .sources import Source
 from .sources.multi import open_watch, source_label
 from .table import MountTable, apply
@@ -163,57 +163,10 @@ def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
 # --- the Unix socket -----------------------------------------------------------------
 
 
-def _check_stale(path: str) -> None:
-    """A socket nobody listens on is replaced; a live server or another file is not."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise AmountdError(f"{path} exists and is not a socket: remove it or choose another --unix")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("replacing the stale socket %s", path)
-        return
-    except OSError:
-        return  # cannot tell (e.g. a full backlog); binding will say
-    finally:
-        probe.close()
-    raise AmountdError(
-        f"another server is listening on {path}: stop it first, or choose another --unix"
-    )
-
-
 def _bind_unix(path: str, mode: int, gid: int | None) -> tuple[socket.socket, int]:
-    """A listening socket at `path` with its mode and group set before anyone can connect:
-    it is made under a temporary name and renamed into place (replacing a stale one)."""
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    except OSError as e:
-        raise AmountdError(f"cannot create {directory}: {e.strerror or e}") from None
-    _check_stale(path)
-    tmp = os.path.join(directory, f".amountd-{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(tmp)
-        os.chmod(tmp, mode)
-        if gid is not None:
-            os.chown(tmp, -1, gid)
-        sock.listen(4096)
-        os.rename(tmp, path)
-        ino = os.lstat(path).st_ino
-    except OSError as e:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise AmountdError(f"cannot listen on {path}: {e.strerror or e}") from None
-    return sock, ino
+    """A listening socket at `path` with its mode and group set before anyone can connect,
+    in a directory no other user can write (amountd.sockdir)."""
+    return bind_unix(path, mode, gid)
 
 
 def _remove_socket(path: str, ino: int) -> None:

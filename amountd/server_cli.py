@@ -165,6 +165,24 @@ def add_server_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls", action="store_true", help="--tcp over TLS (system CAs)")
     p.add_argument("--tls-ca", metavar="FILE", help="--tcp over TLS, trusting this CA certificate")
     p.add_argument("--token-file", metavar="FILE", help="send this file's content as the token")
+    p.add_argument(
+        "--server-uid",
+        metavar="UID|USER",
+        type=_uid,
+        help="also trust a Unix socket served by this user (by default only a server "
+        "running as root or as you is trusted: another user could have replaced the socket)",
+    )
+
+
+def _uid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    import pwd
+
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no user named {text!r}") from None
 
 
 def server_address(args: argparse.Namespace) -> tuple[str, str | None, Any]:
@@ -208,6 +226,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
             reconnect=args.reconnect,
             token=token,
             ssl_context=ssl_context,
+            server_uid=args.server_uid,
         ) as frames:
             await print_frames(frames, out, args.count)
 
