@@ -58,7 +58,7 @@ from .protocol import (
 )
 from .render import human_path
 from .service import Service
-from .sockdir import bind_unix
+from .sockdir import bind_unix, precheck
 from .sources import Source
 from .sources.multi import open_watch, source_label
 from .table import MountTable, apply
@@ -619,6 +619,8 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
     check_config(config)
     service = service if service is not None else Service()
     passed = service.passed_sockets()  # systemd's (socket activation): used, not bound
+    if config.unix is not None and all(s.family != socket.AF_UNIX for s in passed):
+        precheck(config.unix)  # its directory, a stale socket: before opening anything
     token = read_token(config.token_file) if config.token_file is not None else None
     ssl_ctx = (
         _ssl_context(config.tls_cert, config.tls_key)

@@ -41,6 +41,7 @@ __all__ = [
     "check_socket_dir",
     "check_stale",
     "peer_problem",
+    "precheck",
     "prepare_dir",
     "server_uid_of",
     "stat_chain",
@@ -185,6 +186,16 @@ def check_stale(path: str) -> None:
     raise AmountdError(
         f"another server is listening on {path}: stop it first, or choose another --unix"
     )
+
+
+def precheck(path: str) -> None:
+    """Everything bind_unix checks, before a server opens anything else: a socket it
+    cannot bind is said at once, in one line, not after reading a mount table."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    prepare_dir(directory)
+    check_socket_dir(directory)
+    check_stale(path)
 
 
 def bind_unix(
