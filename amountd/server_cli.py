@@ -34,6 +34,15 @@ def _at_least_0(text: str) -> int:
     return _count(text, minimum=0)
 
 
+def _socket_path(text: str) -> str:
+    """--unix PATH: a path, not an empty word (which would mean the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give the socket's path")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a path cannot hold a NUL byte")
+    return text
+
+
 def _hostport(text: str) -> str:
     from .client import split_hostport
 
@@ -60,6 +69,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unix",
         metavar="PATH",
+        type=_socket_path,
         default=DEFAULT_SOCKET,
         help=f"Unix socket to listen on (default: {DEFAULT_SOCKET})",
     )
@@ -157,7 +167,10 @@ def add_server_address(p: argparse.ArgumentParser) -> None:
     """Where a client command finds the server (subscribe, status)."""
     where = p.add_mutually_exclusive_group()
     where.add_argument(
-        "--unix", metavar="PATH", help=f"the server's Unix socket (default: {DEFAULT_SOCKET})"
+        "--unix",
+        metavar="PATH",
+        type=_socket_path,
+        help=f"the server's Unix socket (default: {DEFAULT_SOCKET})",
     )
     where.add_argument(
         "--tcp", metavar="HOST:PORT", type=_hostport, help="the server's TCP address"
