@@ -205,9 +205,7 @@ def _is_socket(path: str) -> bool:
         return True  # cannot tell: say what connect() said
 
 
-def _check_server_uid(
-    ep: Endpoint, stream: anyio.abc.ByteStream, server_uid: int | None
-) -> None:
+def _check_server_uid(ep: Endpoint, stream: anyio.abc.ByteStream, server_uid: int | None) -> None:
     sock = stream.extra(SocketAttribute.raw_socket)
     try:
         uid = server_uid_of(sock)

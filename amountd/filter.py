@@ -135,9 +135,7 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
 
     def __post_init__(self) -> None:
         # On construction and on decoding alike (msgspec calls it for both).
-        check_filter(
-            actions=self.actions, fstypes=self.fstypes, under=self.under, pids=self.pids
-        )
+        check_filter(actions=self.actions, fstypes=self.fstypes, under=self.under, pids=self.pids)
 
     @functools.cached_property
     def is_empty(self) -> bool:

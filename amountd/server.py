@@ -46,6 +46,7 @@ from .broker import Broker, Subscription
 from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
 from .errors import AmountdError, UsageError
 from .filter import Filter
+from .interrupt import rearm
 from .model import End, Event
 from .protocol import (
     ProtocolError,
@@ -338,16 +339,21 @@ class Server:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
-            task_status.started()  # handled from here on (SIGHUP's default would kill us)
-            async for signum in received:
-                if signum == signal.SIGHUP:
-                    self.service.reload(self)
-                    continue
-                self.service.stopping(f"{signal.Signals(signum).name}: stopping")
-                log.info("%s: stopping", signal.Signals(signum).name)
-                done.cancel()
-                return
+        try:
+            with anyio.open_signal_receiver(
+                signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+            ) as received:
+                task_status.started()  # handled from here on (SIGHUP's default would kill us)
+                async for signum in received:
+                    if signum == signal.SIGHUP:
+                        self.service.reload(self)
+                        continue
+                    self.service.stopping(f"{signal.Signals(signum).name}: stopping")
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    done.cancel()
+                    return
+        finally:
+            rearm()  # the command's: a second signal while draining still exits 0
 
     # --- the subscribers' side ---------------------------------------------------------
 

@@ -245,4 +245,3 @@ def server_uid_of(sock: socket.socket) -> int:
     ucred = struct.Struct("3i")
     _, uid, _ = ucred.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, ucred.size))
     return int(uid)
-

@@ -106,7 +106,7 @@ def test_importing_the_model_builds_no_decoder() -> None:
         "import amountd.model as m, amountd.protocol as p\n"
         "assert m._json_decoder is None and m._msgpack_decoder is None\n"
         "assert p._request_decoder.cache_info().currsize == 0\n"
-        "print(m.decode_json(b'{\"type\":\"end\",\"reason\":\"x\"}'))\n"
+        'print(m.decode_json(b\'{"type":"end","reason":"x"}\'))\n'
         "print(m.decode_msgpack(m.encode_msgpack(m.End(reason='y'))))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
