@@ -13,37 +13,39 @@ Only the command arms this; a program that imports amountd keeps its own handler
 
 from __future__ import annotations
 
-import contextlib
+# Only modules the interpreter has loaded at startup: `signal` would import `enum` (and
+# `typing` is not loaded yet either), and a signal during that import is exactly what
+# this module is here to prevent.
+import _signal  # type: ignore[import-not-found]
 import os
-import signal
-import sys
-from types import FrameType
 
 __all__ = ["arm", "rearm"]
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNALS: tuple[int, ...] = (_signal.SIGINT, _signal.SIGTERM)
 _armed = False
 
 
-def _exit(signum: int, frame: FrameType | None) -> None:
+def _exit(signum: int, frame: object) -> None:
     # Not sys.exit: an exception here would be raised wherever the main thread is.
-    # stdout is flushed a line at a time, so a reader has every complete line.
-    with contextlib.suppress(Exception):  # a signal handler must not raise
-        sys.stderr.flush()
+    # stdout is flushed a line at a time and stderr is line-buffered: a reader has
+    # every complete line.
     os._exit(0)
+
+
+def _install() -> None:
+    for sig in _SIGNALS:
+        _signal.signal(sig, _exit)
 
 
 def arm() -> None:
     """From now on SIGINT/SIGTERM end the process with status 0 (the command only)."""
     global _armed
     _armed = True
-    for sig in _SIGNALS:
-        signal.signal(sig, _exit)
+    _install()
 
 
 def rearm() -> None:
     """After an event loop's signal receiver closes (asyncio then restores Python's
     defaults: KeyboardInterrupt, and death by SIGTERM): arm again, if the command armed."""
     if _armed:
-        for sig in _SIGNALS:
-            signal.signal(sig, _exit)
+        _install()
