@@ -9,7 +9,25 @@ Names are loaded on first use, so `amountd --help` does not pay for the event lo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import sys as _sys
+
+_argv0 = (getattr(_sys, "argv", None) or [""])[0]
+if _argv0 == "-m" or _argv0.rsplit("/", 1)[-1] == "amountd":
+    # This process is the `amountd` command (`python -m amountd`: argv[0] is "-m" while
+    # the package is located; or the console script), so SIGINT/SIGTERM end it with
+    # status 0 from this line on, before any import can be interrupted: no import here,
+    # only modules loaded at startup (amountd.interrupt, which cli.main arms again,
+    # explains). A program that imports amountd keeps its own handlers.
+    import _signal  # type: ignore[import-not-found]
+    import os as _os
+
+    def _exit_0(signum: int, frame: object) -> None:
+        _os._exit(0)
+
+    _signal.signal(_signal.SIGINT, _exit_0)
+    _signal.signal(_signal.SIGTERM, _exit_0)
+
+from typing import TYPE_CHECKING, Any  # noqa: E402 (after the signals)
 
 __version__ = "0.1.0"
 DEFAULT_SOCKET = "/run/amountd/amountd.sock"  # where `serve` listens and clients look

@@ -1,3 +1,8 @@
-from .cli import main
+# Signals first: a SIGINT during the imports below must not raise in them (interrupt.py).
+from .interrupt import arm
+
+arm()
+
+from .cli import main  # noqa: E402
 
 raise SystemExit(main())

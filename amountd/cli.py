@@ -43,14 +43,21 @@ def _seconds(text: str) -> float:
     return s
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """The global flags. They go before or after the command: the command's copy has no
+    defaults (argparse.SUPPRESS), so it cannot overwrite a value given before it."""
     p.add_argument(
         "--backend",
         choices=("asyncio", "trio"),
-        default="asyncio",
+        default="asyncio" if defaults else argparse.SUPPRESS,
         help="event loop to run on (default: asyncio)",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks for failures")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="show tracebacks for failures",
+    )
 
 
 def _add_ns(p: argparse.ArgumentParser) -> None:
@@ -87,15 +94,17 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    _add_common(common)
+    top = _Parser(add_help=False)
+    _add_common(top)
+    common = _Parser(add_help=False)  # the commands' copy of the global flags
+    _add_common(common, defaults=False)
     parser = _Parser(
         prog="amountd",
         description="Follow Linux mount tables: fanotify mount events (Linux 6.15+) "
         "or /proc/PID/mountinfo polling, as a command, a server, or a Python API.",
         epilog="Exit status: 0 done (count reached, timeout, namespace ended, SIGINT/SIGTERM); "
         "1 failure at run time; 2 bad usage.",
-        parents=[common],
+        parents=[top],
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -139,17 +148,26 @@ def _version() -> str:
     return f"amountd {__version__}"
 
 
+_FILTER_FLAGS = {"actions": "--action", "fstypes": "-t/--types", "under": "--under"}
+
+
 def _filter(args: argparse.Namespace) -> Any:
-    from .filter import Filter, parse_actions, parse_types
+    """The filter flags as a Filter; UsageError naming the flag for anything that is
+    not one (an empty value too: `--action ""` is a mistake, not "every action")."""
+    from .filter import Filter, FilterError, parse_actions, parse_types
     from .model import fspath
 
+    action = getattr(args, "action", None)
     try:
-        actions = parse_actions(args.action) if getattr(args, "action", None) else None
-        types = parse_types(args.types) if args.types else None
+        actions = parse_actions(action) if action is not None else None
+        types = parse_types(args.types) if args.types is not None else None
     except ValueError as e:
         raise UsageError(str(e)) from None
-    under = fspath(os.fsencode(args.under)) if args.under else None
-    return Filter(actions=actions, fstypes=types, under=under)
+    under = fspath(os.fsencode(args.under)) if args.under is not None else None
+    try:
+        return Filter(actions=actions, fstypes=types, under=under)
+    except FilterError as e:
+        raise UsageError(f"bad {_FILTER_FLAGS.get(e.field, e.field)}: {e.reason}") from None
 
 
 class Output:
@@ -239,13 +257,18 @@ async def run_until_signal(body: Callable[[], Any], timeout: float | None) -> No
 
     import anyio
 
+    from .interrupt import rearm
+
     async with anyio.create_task_group() as tg:
 
         async def signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-                async for _ in received:
-                    tg.cancel_scope.cancel()
-                    return
+            try:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                    async for _ in received:
+                        tg.cancel_scope.cancel()
+                        return
+            finally:
+                rearm()  # asyncio restored Python's defaults on the way out
 
         tg.start_soon(signals)
         with anyio.move_on_after(timeout):
@@ -303,6 +326,8 @@ def run(fn: Callable[[], Any], backend: str) -> None:
     """Run on the chosen loop; a task group's lone failure comes out as itself."""
     import anyio
 
+    from .interrupt import rearm
+
     try:
         anyio.run(fn, backend=backend)
     except BaseExceptionGroup as eg:
@@ -310,9 +335,14 @@ def run(fn: Callable[[], Any], backend: str) -> None:
         if len(leaves) == 1:
             raise leaves[0] from None
         raise
+    finally:
+        rearm()  # a signal receiver inside may have restored Python's defaults
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .interrupt import arm
+
+    arm()  # before anything heavy: SIGINT/SIGTERM at any moment end us with status 0
     args = build_parser().parse_args(argv)
     try:
         rc: int = args.func(args)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
 import ssl
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -27,6 +29,7 @@ from typing import Literal
 import anyio
 import anyio.abc
 import msgspec
+from anyio.abc import SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import DEFAULT_SOCKET
@@ -34,6 +37,7 @@ from .errors import AmountdError, UsageError
 from .filter import Filter
 from .model import End, Error, Event, Frame, Resync, Snapshot
 from .protocol import Format, FrameReader, ProtocolError, SubscribeRequest, encode_request
+from .sockdir import peer_problem, server_uid_of
 from .stream import FrameStream, lone_exception
 
 __all__ = [
@@ -139,13 +143,22 @@ def parse_url(url: str) -> Endpoint:
 # --- connecting ------------------------------------------------------------------------
 
 
-async def _open(ep: Endpoint, ssl_context: ssl.SSLContext | None) -> anyio.abc.ByteStream:
-    """A connected stream, or ClientError saying what to do."""
+async def _open(
+    ep: Endpoint, ssl_context: ssl.SSLContext | None, server_uid: int | None = None
+) -> anyio.abc.ByteStream:
+    """A connected stream, or ClientError saying what to do. A Unix socket's server
+    must run as root, as us, or as `server_uid` (amountd.sockdir.peer_problem)."""
     try:
         with anyio.fail_after(CONNECT_TIMEOUT):
             if ep.kind == "unix":
                 assert ep.path is not None
-                return await anyio.connect_unix(ep.path)
+                stream = await anyio.connect_unix(ep.path)
+                try:
+                    _check_server_uid(ep, stream, server_uid)
+                except BaseException:
+                    await anyio.aclose_forcefully(stream)
+                    raise
+                return stream
             assert ep.host is not None and ep.port is not None
             if ep.kind == "tls":
                 ctx = ssl_context if ssl_context is not None else ssl.create_default_context()
@@ -165,6 +178,11 @@ async def _open(ep: Endpoint, ssl_context: ssl.SSLContext | None) -> anyio.abc.B
         raise ClientError(f"is `amountd serve` running? no socket at {ep.path}") from None
     except ConnectionRefusedError:
         if ep.kind == "unix":
+            assert ep.path is not None
+            if not _is_socket(ep.path):
+                raise ClientError(
+                    f"{ep.path} is not a socket: give the server's socket with --unix"
+                ) from None
             raise ClientError(
                 f"is `amountd serve` running? nothing listens on {ep.path} (a stale socket)"
             ) from None
@@ -180,10 +198,31 @@ async def _open(ep: Endpoint, ssl_context: ssl.SSLContext | None) -> anyio.abc.B
         raise ClientError(f"cannot connect to {ep}: {e.strerror or e}") from None
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True  # cannot tell: say what connect() said
+
+
+def _check_server_uid(ep: Endpoint, stream: anyio.abc.ByteStream, server_uid: int | None) -> None:
+    sock = stream.extra(SocketAttribute.raw_socket)
+    try:
+        uid = server_uid_of(sock)
+    except OSError as e:
+        raise ClientError(f"cannot tell who serves {ep.path}: {e.strerror or e}") from None
+    why = peer_problem(uid, os.geteuid(), server_uid)
+    if why is not None:
+        raise ClientError(f"refusing {ep.path}: {why}", "untrusted-server")
+
+
 async def _open_and_request(
-    ep: Endpoint, ssl_context: ssl.SSLContext | None, req: SubscribeRequest
+    ep: Endpoint,
+    ssl_context: ssl.SSLContext | None,
+    req: SubscribeRequest,
+    server_uid: int | None = None,
 ) -> anyio.abc.ByteStream:
-    stream = await _open(ep, ssl_context)
+    stream = await _open(ep, ssl_context, server_uid)
     try:
         await stream.send(encode_request(req))
     except BaseException as e:
@@ -253,6 +292,7 @@ class _Client:
         ssl_context: ssl.SSLContext | None,
         retry_for: float | None,
         out: ClientStream,
+        server_uid: int | None = None,
     ) -> None:
         self.url = url
         self.ep = ep
@@ -261,6 +301,7 @@ class _Client:
         self.hide_snapshot = hide_snapshot
         self.ssl_context = ssl_context
         self.retry_for = retry_for
+        self.server_uid = server_uid
         self.out = out
         self.stopping: End | None = None
         """The `end` of a server that said it was stopping, until another one answers:
@@ -386,7 +427,9 @@ class _Client:
                 self.delay = min(self.delay * 2, 2.0)
             wait = True
             try:
-                return await _open_and_request(self.ep, self.ssl_context, self._resume_request())
+                return await _open_and_request(
+                    self.ep, self.ssl_context, self._resume_request(), self.server_uid
+                )
             except ClientError as e:
                 failure = str(e)
             now = anyio.current_time()
@@ -405,6 +448,7 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
     buffer: int = 1024,
     retry_for: float | None = 60.0,
+    server_uid: int | None = None,
 ) -> AsyncIterator[ClientStream]:
     """Subscribe to an `amountd serve` at `url` (`unix:/path`, `tcp://host:port`,
     `tls://host:port`).
@@ -415,6 +459,10 @@ async def connect(
     `retry_for` seconds; None: forever) and the stream goes on after a new `ready`, with
     the missed events or `resync` + `snapshot`. Connection failures raise ClientError
     here; later failures and `error` frames raise it from the iterator.
+
+    A Unix socket's server must run as root or as our own uid (a user who could replace
+    the socket could otherwise feed us any table): `server_uid` trusts one more uid.
+    Another raises ClientError with code `untrusted-server`.
     """
     ep = parse_url(url)
     if format not in ("json", "msgpack"):
@@ -429,7 +477,7 @@ async def connect(
         filter=filter if filter is not None else Filter(),
         token=token,
     )
-    conn = await _open_and_request(ep, ssl_context, req)
+    conn = await _open_and_request(ep, ssl_context, req, server_uid)
     send, receive = anyio.create_memory_object_stream[Frame](buffer)
     stream = ClientStream(url, receive)
     stream.last_seq = since
@@ -442,6 +490,7 @@ async def connect(
         ssl_context=ssl_context,
         retry_for=retry_for,
         out=stream,
+        server_uid=server_uid,
     )
     with lone_exception():  # the reader task hands its failure to the stream
         async with receive, anyio.create_task_group() as tg:

@@ -18,7 +18,7 @@ import msgspec.toml
 
 from . import DEFAULT_SOCKET
 from .errors import AmountdError, UsageError
-from .filter import Filter
+from .filter import Filter, FilterError, check_filter
 from .limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
@@ -246,17 +246,13 @@ def _check(config: Config, where: str, name: Any = repr) -> None:
     for i, ns in enumerate(config.ns):
         if not ns:
             raise ConfigError(f"bad value for {name(f'ns[{i}]')} in {where}: empty")
-    for i, t in enumerate(config.filter.fstypes or ()):
-        if t in ("", "no"):
-            raise ConfigError(
-                f"bad value for {name(f'filter.fstypes[{i}]')} in {where}: {t!r} is not a "
-                'filesystem type (write "notmpfs" to exclude tmpfs)'
-            )
-    under = config.filter.under
-    if under is not None and not under.startswith("/"):
+    flt = config.filter
+    try:
+        check_filter(actions=flt.actions, fstypes=flt.fstypes, under=flt.under)
+    except FilterError as e:
         raise ConfigError(
-            f"bad value for {name('filter.under')} in {where}: {under!r} is not an absolute path"
-        )
+            f"bad value for {name(f'filter.{e.key}')} in {where}: {e.reason}"
+        ) from None
 
 
 def _from_builtins(raw: Mapping[str, Any], where: str) -> Config:

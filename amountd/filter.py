@@ -19,11 +19,101 @@ import msgspec
 
 from amountd.model import ACTIONS, Action, Event, FsPath, Mount
 
-__all__ = ["Filter", "filter_event", "filter_mounts", "parse_actions", "parse_types"]
+__all__ = [
+    "Filter",
+    "FilterError",
+    "check_filter",
+    "filter_event",
+    "filter_mounts",
+    "parse_actions",
+    "parse_types",
+]
+
+
+class FilterError(ValueError):
+    """A filter that cannot mean what its writer wanted: `field` names the part
+    (actions, fstypes, under, pids), `reason` says what is wrong with it.
+
+    A ValueError, so msgspec turns it into a ValidationError when a request is decoded
+    (the wire's `error` frame) and the API raises it from `Filter(...)`."""
+
+    def __init__(self, field: str, reason: str, index: int | None = None) -> None:
+        key = field if index is None else f"{field}[{index}]"
+        super().__init__(f"bad filter {key!r}: {reason}")
+        self.field = field
+        self.key = key
+        """The field with the list index where one item is wrong (`fstypes[1]`)."""
+        self.reason = reason
+
+
+def _path_problem(path: str) -> str | None:
+    """Why `path` is not an absolute, normalised path (None: it is)."""
+    if not path:
+        return "an empty path: give an absolute path like /mnt"
+    if "\0" in path:
+        return f"{path!r} holds a NUL byte"
+    if not path.startswith("/"):
+        return f"{path!r} is not an absolute path: start it with /"
+    if path == "/":
+        return None
+    if path.endswith("/"):
+        return f"{path!r} ends with a slash: write {path.rstrip('/') or '/'!r}"
+    if "//" in path:
+        return f"{path!r} holds an empty component (//)"
+    for part in path.split("/")[1:]:
+        if part in (".", ".."):
+            return f"{path!r} holds {part!r}: write the path without it"
+    return None
+
+
+def check_filter(
+    *,
+    actions: Iterable[str] | None = None,
+    fstypes: Iterable[str] | None = None,
+    under: str | None = None,
+    pids: Iterable[int] | None = None,
+) -> None:
+    """Raise FilterError for what no filter should hold: an unknown action, an empty
+    list or string, a type that is no type, a relative or non-normalised path.
+
+    The one check behind every entry: command-line flags, `Filter(...)`, the wire
+    request, and the settings file's `[filter]`. Null means "not filtered" and passes.
+    """
+    if actions is not None:
+        names = list(actions)
+        if not names:
+            raise FilterError("actions", f"an empty list: choose from {', '.join(ACTIONS)}")
+        for i, name in enumerate(names):
+            if name not in ACTIONS:
+                raise FilterError(
+                    "actions", f"unknown action {name!r}: choose from {', '.join(ACTIONS)}", i
+                )
+    if fstypes is not None:
+        types = list(fstypes)
+        if not types:
+            raise FilterError("fstypes", "an empty list: name a type, or leave it out")
+        for i, t in enumerate(types):
+            if not isinstance(t, str) or t in ("", "no") or t != t.strip() or "," in t:
+                raise FilterError(
+                    "fstypes",
+                    f"{t!r} is not a filesystem type (write notmpfs to exclude tmpfs)",
+                    i,
+                )
+    if under is not None:
+        problem = _path_problem(under)
+        if problem is not None:
+            raise FilterError("under", problem)
+    if pids is not None:
+        for i, pid in enumerate(pids):
+            if pid <= 0:
+                raise FilterError("pids", f"{pid} is not a process ID", i)
 
 
 class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True, dict=True):
-    """A subscriber's filter; a field left null (or an empty list) does not filter.
+    """A subscriber's filter; a field left null does not filter.
+
+    Checked when made (check_filter): an empty list, an unknown action or a relative
+    or non-normalised path raises FilterError (a ValueError).
 
     `fstypes` works like `findmnt -t`: `notmpfs` excludes tmpfs; with only exclusions,
     every other type passes; otherwise only the listed types pass. Types match exactly
@@ -42,6 +132,10 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     under: FsPath | None = None
     namespaces: list[int] | None = None
     pids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        # On construction and on decoding alike (msgspec calls it for both).
+        check_filter(actions=self.actions, fstypes=self.fstypes, under=self.under, pids=self.pids)
 
     @functools.cached_property
     def is_empty(self) -> bool:
@@ -76,10 +170,7 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
         """(the path without trailing slashes, that path + "/"); ("", "/") for the root."""
         if self.under is None:
             return None
-        path: str = self.under
-        while "//" in path:
-            path = path.replace("//", "/")
-        path = path.rstrip("/")
+        path: str = self.under.rstrip("/")  # normalised (check_filter): "/" is the one case
         return path, path + "/"
 
     def type_matches(self, fstype: str | None) -> bool:

@@ -230,10 +230,23 @@ def _dec_hook(tp: type, obj: Any) -> Any:
 
 _json_encoder = msgspec.json.Encoder(enc_hook=_json_enc_hook)
 _msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_msgpack_enc_hook)
-_json_decoder: msgspec.json.Decoder[Frame] = msgspec.json.Decoder(Frame, dec_hook=_dec_hook)
-_msgpack_decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(
-    Frame, dec_hook=_dec_hook
-)
+# The decoders are built on first use, not at import: building one walks every frame
+# type (tens of milliseconds), which `amountd --help` and a server that only encodes
+# need not pay, and which an import interrupted by a signal must not be in the middle of.
+_json_decoder: msgspec.json.Decoder[Frame] | None = None
+_msgpack_decoder: msgspec.msgpack.Decoder[Frame] | None = None
+
+
+def _build_json_decoder() -> msgspec.json.Decoder[Frame]:
+    global _json_decoder
+    _json_decoder = msgspec.json.Decoder(Frame, dec_hook=_dec_hook)
+    return _json_decoder
+
+
+def _build_msgpack_decoder() -> msgspec.msgpack.Decoder[Frame]:
+    global _msgpack_decoder
+    _msgpack_decoder = msgspec.msgpack.Decoder(Frame, dec_hook=_dec_hook)
+    return _msgpack_decoder
 
 
 def encode_json(obj: Frame | Mount) -> bytes:
@@ -247,8 +260,10 @@ def encode_msgpack(obj: Frame | Mount) -> bytes:
 
 def decode_json(data: bytes | str) -> Frame:
     """Raises msgspec.DecodeError / ValidationError for anything that is not a frame."""
-    return _json_decoder.decode(data)
+    dec = _json_decoder if _json_decoder is not None else _build_json_decoder()
+    return dec.decode(data)
 
 
 def decode_msgpack(data: bytes) -> Frame:
-    return _msgpack_decoder.decode(data)
+    dec = _msgpack_decoder if _msgpack_decoder is not None else _build_msgpack_decoder()
+    return dec.decode(data)

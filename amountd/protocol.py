@@ -9,6 +9,7 @@ in the chosen format: JSON lines, or msgpack frames each behind a 4-byte big-end
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 import struct
@@ -99,11 +100,18 @@ class StatusRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 Request = SubscribeRequest | StatusRequest
 """What a client may send first (told apart by `type`)."""
 
-_request_decoder: msgspec.json.Decoder[SubscribeRequest] = msgspec.json.Decoder(
-    SubscribeRequest, dec_hook=_dec_hook
-)
-_status_decoder: msgspec.json.Decoder[StatusRequest] = msgspec.json.Decoder(StatusRequest)
 _request_encoder = msgspec.json.Encoder(enc_hook=_json_enc_hook)
+
+
+@functools.cache
+def _request_decoder() -> msgspec.json.Decoder[SubscribeRequest]:
+    """Built on first use (like model's frame decoders): an import stays cheap."""
+    return msgspec.json.Decoder(SubscribeRequest, dec_hook=_dec_hook)
+
+
+@functools.cache
+def _status_decoder() -> msgspec.json.Decoder[StatusRequest]:
+    return msgspec.json.Decoder(StatusRequest)
 
 
 def error_frame(exc: BaseException) -> Error:
@@ -162,6 +170,8 @@ def _explain(err: msgspec.ValidationError, kind: type[Request] = SubscribeReques
         return f"missing field {u.group(1)!r} in {where}"
     if path == ".format":
         return '\'format\' must be "json" or "msgpack"'
+    if path == ".filter" and msg.startswith("bad filter "):
+        return msg  # filter.check_filter's words already name the field
     msg = msg.replace("`", "")
     return f"bad value for {where!r}: {msg}" if path else f"bad request: {msg}"
 
@@ -219,8 +229,8 @@ def _parse_request(line: bytes) -> Request:
         )
     try:
         if kind == "status":
-            return _status_decoder.decode(line)
-        return _request_decoder.decode(line)
+            return _status_decoder().decode(line)
+        return _request_decoder().decode(line)
     except msgspec.ValidationError as exc:
         what = StatusRequest if kind == "status" else SubscribeRequest
         raise ProtocolError("bad-request", _explain(exc, what)) from None

@@ -51,6 +51,7 @@ from .broker import Broker, Subscription
 from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
 from .errors import AmountdError, UsageError
 from .filter import Filter
+from .interrupt import rearm
 from .limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
@@ -75,6 +76,7 @@ from .protocol import (
 from .render import human_path
 from .service import Service
 from .snapcache import DEFAULT_SNAPSHOT_CACHE
+from .sockdir import bind_unix, precheck
 from .sources import Source
 from .sources.multi import open_watch, source_label
 from .table import MountTable, apply
@@ -222,57 +224,10 @@ def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
 # --- the Unix socket -----------------------------------------------------------------
 
 
-def _check_stale(path: str) -> None:
-    """A socket nobody listens on is replaced; a live server or another file is not."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise AmountdError(f"{path} exists and is not a socket: remove it or choose another --unix")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("replacing the stale socket %s", path)
-        return
-    except OSError:
-        return  # cannot tell (e.g. a full backlog); binding will say
-    finally:
-        probe.close()
-    raise AmountdError(
-        f"another server is listening on {path}: stop it first, or choose another --unix"
-    )
-
-
 def _bind_unix(path: str, mode: int, gid: int | None) -> tuple[socket.socket, int]:
-    """A listening socket at `path` with its mode and group set before anyone can connect:
-    it is made under a temporary name and renamed into place (replacing a stale one)."""
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    except OSError as e:
-        raise AmountdError(f"cannot create {directory}: {e.strerror or e}") from None
-    _check_stale(path)
-    tmp = os.path.join(directory, f".amountd-{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(tmp)
-        os.chmod(tmp, mode)
-        if gid is not None:
-            os.chown(tmp, -1, gid)
-        sock.listen(4096)
-        os.rename(tmp, path)
-        ino = os.lstat(path).st_ino
-    except OSError as e:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise AmountdError(f"cannot listen on {path}: {e.strerror or e}") from None
-    return sock, ino
+    """A listening socket at `path` with its mode and group set before anyone can connect,
+    in a directory no other user can write (amountd.sockdir)."""
+    return bind_unix(path, mode, gid)
 
 
 def _remove_socket(path: str, ino: int) -> None:
@@ -578,16 +533,21 @@ class Server:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
-            task_status.started()  # handled from here on (SIGHUP's default would kill us)
-            async for signum in received:
-                if signum == signal.SIGHUP:
-                    self.service.reload(self)
-                    continue
-                self.service.stopping(f"{signal.Signals(signum).name}: stopping")
-                log.info("%s: stopping", signal.Signals(signum).name)
-                done.cancel()
-                return
+        try:
+            with anyio.open_signal_receiver(
+                signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+            ) as received:
+                task_status.started()  # handled from here on (SIGHUP's default would kill us)
+                async for signum in received:
+                    if signum == signal.SIGHUP:
+                        self.service.reload(self)
+                        continue
+                    self.service.stopping(f"{signal.Signals(signum).name}: stopping")
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    done.cancel()
+                    return
+        finally:
+            rearm()  # the command's: a second signal while draining still exits 0
 
     # --- the subscribers' side ---------------------------------------------------------
 
@@ -1008,6 +968,8 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
         )
     service = service if service is not None else Service()
     passed = service.passed_sockets()  # systemd's (socket activation): used, not bound
+    if config.unix is not None and all(s.family != socket.AF_UNIX for s in passed):
+        precheck(config.unix)  # its directory, a stale socket: before opening anything
     token = read_token(config.token_file, strict=True) if config.token_file is not None else None
     ssl_ctx = (
         _ssl_context(config.tls_cert, config.tls_key)

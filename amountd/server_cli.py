@@ -34,6 +34,15 @@ def _at_least_0(text: str) -> int:
     return _count(text, minimum=0)
 
 
+def _socket_path(text: str) -> str:
+    """--unix PATH: a path, not an empty word (which would mean the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give the socket's path")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a path cannot hold a NUL byte")
+    return text
+
+
 def _hostport(text: str) -> str:
     from .client import split_hostport
 
@@ -60,6 +69,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unix",
         metavar="PATH",
+        type=_socket_path,
         default=DEFAULT_SOCKET,
         help=f"Unix socket to listen on (default: {DEFAULT_SOCKET})",
     )
@@ -157,7 +167,10 @@ def add_server_address(p: argparse.ArgumentParser) -> None:
     """Where a client command finds the server (subscribe, status)."""
     where = p.add_mutually_exclusive_group()
     where.add_argument(
-        "--unix", metavar="PATH", help=f"the server's Unix socket (default: {DEFAULT_SOCKET})"
+        "--unix",
+        metavar="PATH",
+        type=_socket_path,
+        help=f"the server's Unix socket (default: {DEFAULT_SOCKET})",
     )
     where.add_argument(
         "--tcp", metavar="HOST:PORT", type=_hostport, help="the server's TCP address"
@@ -165,6 +178,24 @@ def add_server_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls", action="store_true", help="--tcp over TLS (system CAs)")
     p.add_argument("--tls-ca", metavar="FILE", help="--tcp over TLS, trusting this CA certificate")
     p.add_argument("--token-file", metavar="FILE", help="send this file's content as the token")
+    p.add_argument(
+        "--server-uid",
+        metavar="UID|USER",
+        type=_uid,
+        help="also trust a Unix socket served by this user (by default only a server "
+        "running as root or as you is trusted: another user could have replaced the socket)",
+    )
+
+
+def _uid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    import pwd
+
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no user named {text!r}") from None
 
 
 def server_address(args: argparse.Namespace) -> tuple[str, str | None, Any]:
@@ -208,6 +239,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
             reconnect=args.reconnect,
             token=token,
             ssl_context=ssl_context,
+            server_uid=args.server_uid,
         ) as frames:
             await print_frames(frames, out, args.count)
 

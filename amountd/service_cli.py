@@ -203,7 +203,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from .model import encode_json
         from .status import format_status, query_status
 
-        st = await query_status(url, token=token, ssl_context=ssl_context, timeout=args.timeout)
+        st = await query_status(
+            url,
+            token=token,
+            ssl_context=ssl_context,
+            timeout=args.timeout,
+            server_uid=args.server_uid,
+        )
         if args.json:
             sys.stdout.buffer.write(encode_json(st) + b"\n")
         else:

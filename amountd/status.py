@@ -25,11 +25,13 @@ async def query_status(
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = TIMEOUT,
+    server_uid: int | None = None,
 ) -> Status:
     """The server's `status` frame. Raises ClientError saying what went wrong (no
-    server, refused, an older server that does not answer status requests)."""
+    server, refused, an older server that does not answer status requests, a Unix
+    socket served by a uid other than root, ours or `server_uid`)."""
     ep = parse_url(url)
-    stream = await _open(ep, ssl_context)
+    stream = await _open(ep, ssl_context, server_uid)
     reader = FrameReader("json")
     frames: list[Frame] = []
     try:
