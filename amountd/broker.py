@@ -9,6 +9,11 @@ Work that depends on the table (snapshots) is done by the reader, at read time, 
 subscriber that fell behind costs the publisher nothing: its queue is dropped, and when
 it reads again it is handed `resync` + a fresh `snapshot` as of the latest seq.
 
+A subscription's phase (snapshot first, resync, replay, live, done, closed) is one
+`Phase`, moved only by `TRANSITIONS`; the broker reaches a subscription only through
+its public methods (`offer`: queue a frame or drop the queue). Frames are frozen:
+`publish` numbers a copy, and that is the only place a frame gets its seq.
+
 Everything here runs in the event loop's thread: call `publish` from a task or callback
 of the loop that the subscriptions are read from (trio or asyncio, via anyio).
 """
@@ -210,7 +215,12 @@ def next_phase(phase: Phase, trigger: Trigger) -> Phase:
 
 # The phases by module name: an Enum member looked up on its class costs ~100 ns on
 # CPython 3.11, too much on the way of every frame.
-_SNAPSHOT, _RESYNC, _REPLAY, _LIVE, _DONE, _CLOSED = Phase
+_SNAPSHOT = Phase.SNAPSHOT
+_RESYNC = Phase.RESYNC
+_REPLAY = Phase.REPLAY
+_LIVE = Phase.LIVE
+_DONE = Phase.DONE
+_CLOSED = Phase.CLOSED
 _STARTS_OVER = (_SNAPSHOT, _RESYNC)
 _QUEUEING = (_REPLAY, _LIVE)
 
