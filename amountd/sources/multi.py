@@ -58,6 +58,7 @@ from ..model import End, Event, Mount, Resync, Via
 from ..ns import Namespace, _from_pid, _pids_by_inode, _walk, locate, resolve_ns
 from ..ns import all_namespaces as list_namespaces
 from ..table import MountTable, apply, diff
+from . import arm_source
 from .base import Change, Source
 
 __all__ = ["MultiSource", "open_watch", "scan_namespaces", "source_label"]
@@ -104,29 +105,7 @@ _MAX_BACKOFF = 30.0
 
 async def open_one(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
     """One armed sub-source: fanotify, else (auto) mountinfo with the reason why."""
-    from .fanotify import FanotifySource
-    from .mountinfo_poll import MountinfoSource
-
-    reason: str | None = None
-    if kind in ("auto", "fanotify"):
-        fan = FanotifySource(ns, unlimited_queue=unlimited_queue)
-        try:
-            await fan.arm()
-        except AmountdError as e:
-            fan.close()
-            if kind == "fanotify":
-                raise
-            reason = f"fanotify unavailable: {e}; fell back to mountinfo"
-        else:
-            return fan
-    src = MountinfoSource(ns)
-    src.reason = reason
-    try:
-        await src.arm()
-    except BaseException:
-        src.close()
-        raise
-    return src
+    return await arm_source(kind, ns, unlimited_queue=unlimited_queue)
 
 
 def scan_namespaces(seen: frozenset[int]) -> tuple[set[int], list[Namespace]]:
