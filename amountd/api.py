@@ -7,6 +7,7 @@ from contextlib import aclosing, asynccontextmanager
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
+from msgspec.structs import replace
 
 from .filter import Filter, filter_event, filter_mounts
 from .model import End, Event, Frame, Mount, Ready, Resync, Snapshot
@@ -34,18 +35,20 @@ async def frames_of(
             for frame in batch:
                 if isinstance(frame, Event):
                     seq += 1
-                    frame.seq = seq
+                    numbered = replace(frame, seq=seq)
                     if flt is not None:
-                        shown = filter_event(flt, frame)
+                        shown = filter_event(flt, numbered)
                         if shown is not None:
                             yield shown
                         continue
+                    yield numbered
                 elif isinstance(frame, Resync):
                     seq += 1
-                    frame.seq = seq
-                yield frame
-                if isinstance(frame, End):
-                    return
+                    yield replace(frame, seq=seq)
+                else:
+                    yield frame
+                    if isinstance(frame, End):
+                        return
 
 
 async def _pump(

@@ -9,15 +9,22 @@ Work that depends on the table (snapshots) is done by the reader, at read time, 
 subscriber that fell behind costs the publisher nothing: its queue is dropped, and when
 it reads again it is handed `resync` + a fresh `snapshot` as of the latest seq.
 
+A subscription's phase (snapshot first, resync, replay, live, done, closed) is one
+`Phase`, moved only by `TRANSITIONS`; the broker reaches a subscription only through
+its public methods (`offer`: queue a frame or drop the queue). Frames are frozen:
+`publish` numbers a copy, and that is the only place a frame gets its seq.
+
 Everything here runs in the event loop's thread: call `publish` from a task or callback
 of the loop that the subscriptions are read from (trio or asyncio, via anyio).
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -36,7 +43,17 @@ from .model import (
 from .protocol import Format, SubscribeRequest, frame_json, frame_msgpack
 from .snapcache import DEFAULT_SNAPSHOT_CACHE, SnapshotCache
 
-__all__ = ["Broker", "BrokerStats", "SubscriberStats", "Subscription"]
+__all__ = [
+    "TRANSITIONS",
+    "Broker",
+    "BrokerStats",
+    "IllegalTransition",
+    "Phase",
+    "SubscriberStats",
+    "Subscription",
+    "Trigger",
+    "next_phase",
+]
 
 
 class SubscriberStats(msgspec.Struct, kw_only=True):
@@ -122,6 +139,102 @@ class _Group:
 _BIG = 64 * 1024  # a chunk this large is sent as it is, never joined with others
 _NS_ENDS = 4096  # namespace `end`s kept for subscribers that lag or resume past them
 _NsEnd = tuple[int, int, int | None, _Item]
+"""A namespace's `end`: (its index, last_seq when it was published, ns_id, item)."""
+
+
+# --- a subscription's phase ---------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    """Where a subscriber's reading is: what its next read starts with."""
+
+    SNAPSHOT = "snapshot"
+    """It asked for a snapshot: its first read starts with one, as of the latest seq."""
+    RESYNC = "resync"
+    """It missed frames (it lagged, or its `since` expired): its next read starts with
+    `resync` and a fresh snapshot; publish stops queueing for it until then."""
+    REPLAY = "replay"
+    """It resumed with `since`: it is handed the ring's frames after it, then its queue."""
+    LIVE = "live"
+    """It is handed its queue (and `end`, once the broker has ended and the queue is out)."""
+    DONE = "done"
+    """`end` was handed out: nothing more comes."""
+    CLOSED = "closed"
+    """close() was called: nothing more comes, and a read raises ClosedResourceError."""
+
+
+class Trigger(enum.Enum):
+    """What moves a subscription from one phase to another (one method each)."""
+
+    LAG = "lag"
+    """Its queue overflowed: publish drops it (`Subscription.offer`)."""
+    RESTART = "restart"
+    """A read handed out the fresh snapshot (and the `resync` before it)."""
+    REPLAYED = "replayed"
+    """A read handed out the last ring frame of its replay."""
+    END = "end"
+    """A read handed out `end`."""
+    CLOSE = "close"
+    """close(): the subscriber left, or its connection is being torn down."""
+
+
+_P, _T = Phase, Trigger
+TRANSITIONS: Mapping[tuple[Phase, Trigger], Phase] = MappingProxyType(
+    {
+        (_P.SNAPSHOT, _T.RESTART): _P.LIVE,
+        (_P.SNAPSHOT, _T.CLOSE): _P.CLOSED,
+        (_P.RESYNC, _T.RESTART): _P.LIVE,
+        (_P.RESYNC, _T.CLOSE): _P.CLOSED,
+        (_P.REPLAY, _T.LAG): _P.RESYNC,
+        (_P.REPLAY, _T.REPLAYED): _P.LIVE,
+        (_P.REPLAY, _T.CLOSE): _P.CLOSED,
+        (_P.LIVE, _T.LAG): _P.RESYNC,
+        (_P.LIVE, _T.END): _P.DONE,
+        (_P.LIVE, _T.CLOSE): _P.CLOSED,
+        (_P.DONE, _T.CLOSE): _P.CLOSED,
+    }
+)
+"""Every legal (phase, trigger) and the phase it leads to; any other pair is a bug and
+raises IllegalTransition. A lag in SNAPSHOT or RESYNC cannot happen (publish queues
+nothing for a subscriber whose next read starts over), nor one after DONE or CLOSED
+(the subscriber has left the broker)."""
+
+
+class IllegalTransition(RuntimeError):
+    """A trigger its phase does not allow: a bug in the broker, never a client's doing."""
+
+
+def next_phase(phase: Phase, trigger: Trigger) -> Phase:
+    """The phase `trigger` leads to from `phase`; raises IllegalTransition."""
+    try:
+        return TRANSITIONS[phase, trigger]
+    except KeyError:
+        raise IllegalTransition(
+            f"a subscription cannot {trigger.value} in phase {phase.value}"
+        ) from None
+
+
+# The phases by module name: an Enum member looked up on its class costs ~100 ns on
+# CPython 3.11, too much on the way of every frame.
+_SNAPSHOT = Phase.SNAPSHOT
+_RESYNC = Phase.RESYNC
+_REPLAY = Phase.REPLAY
+_LIVE = Phase.LIVE
+_DONE = Phase.DONE
+_CLOSED = Phase.CLOSED
+_STARTS_OVER = (_SNAPSHOT, _RESYNC)
+_QUEUEING = (_REPLAY, _LIVE)
+
+
+class _Replay:
+    """A `since` subscriber's way back: the ring frames after `since`, and the namespace
+    `end`s among them (each handed out before the first frame published after it)."""
+
+    __slots__ = ("ends", "frames")
+
+    def __init__(self, frames: deque[_Item], ends: deque[_NsEnd]) -> None:
+        self.frames = frames
+        self.ends = ends
 
 
 class Subscription:
@@ -129,6 +242,9 @@ class Subscription:
 
     A chunk holds one or more whole frames (queued frames are coalesced into one bytes to
     cut syscalls). Iteration ends after the `end` frame, or once `close()` is called.
+
+    Its phase (`Phase`) changes only through `TRANSITIONS`, one method per trigger; the
+    broker's only way in is `offer` (a published frame: queued, or the queue dropped).
     """
 
     _ids = itertools.count(1)
@@ -141,25 +257,90 @@ class Subscription:
         self._group = group
         self._limit = broker.queue_limit
         self._queue: deque[_Item] = deque()
-        self._replay: deque[_Item] | None = None
-        # When set, the next read drops the queue and starts over from a fresh snapshot
-        # (and publish stops queueing for it): a lag, an expired `since`, or the first
-        # read of a subscriber that asked for a snapshot.
-        self._skip = False
         self._stash: list[bytes] = []  # what follows a large chunk, handed over next
-        self._resync_reason: str | None = None
-        self._ready_sent = False
-        self._end: _Item | None = None
-        self._done = False
-        self._closed = False
+        self._replay: _Replay | None = None
+        self._resync_reason: str | None = None  # the `resync` a start-over begins with
+        self._resync_since: int | None = None  # `end`s published from then on come with it
+        self._greeted = False  # `ready` handed out
         self._sent_seq = broker.last_seq
-        # Namespace `end`s (broker._ns_ends indexes) from here on are this subscriber's
-        # to be told of; a resync hands out those its dropped queue held.
-        self._end_mark = broker._ns_end_count
-        self._replay_ends: deque[_NsEnd] | None = None
-        self._resync_since: int | None = None
+        # Namespace `end`s (Broker.ns_ends indexes) from here on are this subscriber's
+        # to be told of; a start-over hands out those its dropped queue held.
+        self._end_mark = broker.ns_end_mark
         self.drops = 0
         self.delivered = 0
+        self._phase = self._first_phase(req)
+        self._queueing = self._phase in _QUEUEING
+        """Whether `offer` queues (derived from the phase; kept by `_move` alone)."""
+
+    def _first_phase(self, req: SubscribeRequest) -> Phase:
+        broker = self._broker
+        if broker.ended:
+            self._greeted = True  # the namespace is gone: just say so
+            return _LIVE
+        if req.since is not None:
+            frames = broker.replay_from(req.since)
+            if frames is None:
+                self._resync_reason = "since-expired"
+                # A `since` from another server run (ahead of us) knows none of our ends.
+                last = broker.last_seq
+                self._resync_since = req.since if req.since <= last else last + 1
+                return _RESYNC
+            self._replay = _Replay(frames, broker.ns_ends_after(req.since, req.filter))
+            self._sent_seq = req.since
+            return _REPLAY
+        return _SNAPSHOT if req.snapshot else _LIVE
+
+    # --- the triggers: each moves the phase by TRANSITIONS --------------------------------
+
+    def _move(self, trigger: Trigger) -> None:
+        phase = self._phase = next_phase(self._phase, trigger)
+        self._queueing = phase in _QUEUEING
+
+    def offer(self, item: _Item) -> bool:
+        """A frame published for this subscriber: queued, or (the queue is full) the queue
+        is dropped and the next read starts over. False when it lagged just now."""
+        if not self._queueing:
+            return True  # its next read starts from a fresh snapshot anyway
+        q = self._queue
+        if len(q) < self._limit:
+            q.append(item)
+            return True
+        self._lag()
+        return False
+
+    def _lag(self) -> None:
+        self._move(Trigger.LAG)
+        self._queue.clear()
+        replay = self._replay
+        if replay is not None and replay.ends:  # its `end`s not handed out yet come later
+            self._end_mark = min(self._end_mark, replay.ends[0][0])
+        self._replay = None
+        self._resync_reason = "lagged"
+        self.drops += 1
+        self._wake()
+
+    def _restarted(self) -> None:
+        self._move(Trigger.RESTART)
+        self._resync_reason = None
+        self._resync_since = None
+
+    def _replayed(self) -> None:
+        self._move(Trigger.REPLAYED)
+        self._replay = None
+
+    def _ended(self) -> None:
+        self._move(Trigger.END)
+        self._broker.unregister(self)
+
+    def close(self) -> None:
+        """Stop receiving; a task parked in next_chunk wakes with ClosedResourceError."""
+        if self._phase is _CLOSED:
+            return
+        self._move(Trigger.CLOSE)
+        self._queue.clear()
+        self._replay = None
+        self._broker.unregister(self)
+        self._wake()
 
     # --- reading ---------------------------------------------------------------------
 
@@ -183,9 +364,9 @@ class Subscription:
             chunk = self._collect()
             if chunk is not None:
                 return chunk
-            if self._closed:
+            if self._phase is _CLOSED:
                 raise anyio.ClosedResourceError
-            if self._done:
+            if self._phase is _DONE:
                 raise anyio.EndOfStream
             group = self._group
             tick = group.tick
@@ -194,92 +375,53 @@ class Subscription:
             await tick.wait()
 
     def _collect(self) -> bytes | None:
-        """Everything this subscriber can be handed now, as one bytes (or None)."""
-        if self._closed:
+        """Everything this subscriber can be handed now, as one bytes (or None), in the
+        order of the contract: [resync] [snapshot] [ready] ring frames, queue, [end]."""
+        if self._phase is _CLOSED:
             return None
         if self._stash:  # the rest of an earlier collect, in order
-            stash = self._stash
-            if len(stash[0]) > _BIG:
-                return stash.pop(0)
-            self._stash = []
-            return stash[0] if len(stash) == 1 else b"".join(stash)
-        if self._done:
+            return self._unstash()
+        if self._phase is _DONE:
             return None
+        parts: list[bytes] = []
+        ended = self._start_over(parts) if self._phase in _STARTS_OVER else ()
+        if not self._greeted:
+            parts.append(self._broker.ready_bytes(self.format))
+            self._greeted = True
+        parts.extend(item.encoded(self.format) for item in ended)
+        if self._phase is _REPLAY:
+            self._collect_replay(parts)
+        if self._phase is _LIVE:
+            self._collect_live(parts)
+        return self._chunk(parts)
+
+    def _start_over(self, parts: list[bytes]) -> list[_Item]:
+        """[resync] and a fresh snapshot into `parts`; returns the namespace `end`s in
+        what it missed (the snapshot no longer holds those namespaces: `end` says why)."""
         broker = self._broker
         fmt = self.format
-        parts: list[bytes] = []
-        if self._skip:
-            seq = broker.last_seq
-            self._queue.clear()
-            self._replay = None
-            if self._resync_reason is not None:
-                parts.append(_Item(Resync(seq=seq, reason=self._resync_reason), seq).encoded(fmt))
-                self._resync_reason = None
-            parts.append(broker._snapshot_bytes(fmt, self._group))
-            self._skip = False
-            # The namespaces that ended in what this subscriber missed: the snapshot
-            # no longer holds them, and `end` says why.
-            since = self._resync_since
-            self._resync_since = None
-            self._replay_ends = None
-            matches = self._group.filter.ns_matches
-            ended = [
-                item
-                for idx, at, ns, item in broker._ns_ends
-                if (idx >= self._end_mark if since is None else at >= since) and matches(ns)
-            ]
-            self._end_mark = broker._ns_end_count
-        else:
-            ended = []
-        if not self._ready_sent:
-            parts.append(broker._ready_bytes(fmt))
-            self._ready_sent = True
-        for item in ended:
-            parts.append(item.encoded(fmt))
-        replay = self._replay
-        if replay is not None:
-            self._collect_replay(replay, parts)
-            if not replay:
-                self._replay = None
-                ends = self._replay_ends
-                while ends:
-                    parts.append(ends.popleft()[3].encoded(fmt))
-        if self._replay is None:
-            queue = self._queue
-            if queue:
-                for item in queue:
-                    parts.append(item.encoded(fmt))
-                queue.clear()
-            self._sent_seq = broker.last_seq
-            self._end_mark = broker._ns_end_count
-            if self._end is not None:
-                parts.append(self._end.encoded(fmt))
-                self._end = None
-                self._done = True
-                broker._unregister(self)
-        if not parts:
-            return None
-        self.delivered += len(parts)
-        if len(parts) == 1:
-            return parts[0]
-        # A snapshot is large and shared by a whole group of subscribers: hand it over as
-        # a chunk of its own, not copied into a join for each of them.
-        big = next((i for i, p in enumerate(parts) if len(p) > _BIG), None)
-        if big is None:
-            return b"".join(parts)
-        self._stash = parts[big:]
-        if big:
-            return b"".join(parts[:big])
-        return self._stash.pop(0)
+        seq = broker.last_seq
+        self._queue.clear()
+        if self._resync_reason is not None:
+            parts.append(_Item(Resync(seq=seq, reason=self._resync_reason), seq).encoded(fmt))
+        parts.append(broker.snapshot(fmt, self._group))
+        since = self._resync_since
+        ended = broker.ns_ends_missed(self._end_mark, since, self._group.filter)
+        self._end_mark = broker.ns_end_mark
+        self._restarted()
+        return ended
 
-    def _collect_replay(self, replay: deque[_Item], parts: list[bytes]) -> None:
-        """Up to a queue's worth of ring frames, filtered like live ones."""
+    def _collect_replay(self, parts: list[bytes]) -> None:
+        """Up to a queue's worth of ring frames, filtered like live ones; the `end`s
+        left once the ring frames ran out."""
+        replay = self._replay
+        assert replay is not None
         group = self._group
         fmt = self.format
+        frames, ends = replay.frames, replay.ends
         n = self._limit
-        ends = self._replay_ends
-        while replay and n > 0:
-            item = replay.popleft()
+        while frames and n > 0:
+            item = frames.popleft()
             n -= 1
             while ends and ends[0][1] < item.seq:  # it ended before this frame came
                 parts.append(ends.popleft()[3].encoded(fmt))
@@ -294,31 +436,80 @@ class Subscription:
             elif type(frame) is Resync and not group.filter.ns_matches(frame.ns_id):
                 continue
             parts.append(item.encoded(fmt))
+        if not frames:
+            while ends:
+                parts.append(ends.popleft()[3].encoded(fmt))
+            self._replayed()
+
+    def _collect_live(self, parts: list[bytes]) -> None:
+        """The queue; then `end`, if the broker has ended (the queue holds all before it)."""
+        broker = self._broker
+        fmt = self.format
+        queue = self._queue
+        if queue:
+            for item in queue:
+                parts.append(item.encoded(fmt))
+            queue.clear()
+        self._sent_seq = broker.last_seq
+        self._end_mark = broker.ns_end_mark
+        end = broker.end_item
+        if end is not None:
+            parts.append(end.encoded(fmt))
+            self._ended()
+
+    def _chunk(self, parts: list[bytes]) -> bytes | None:
+        """`parts` as one bytes, but a large one (a snapshot, shared by a whole group of
+        subscribers) as a chunk of its own, not copied into a join for each of them: what
+        follows it waits in the stash for the next read."""
+        if not parts:
+            return None
+        self.delivered += len(parts)
+        if len(parts) == 1:
+            return parts[0]
+        big = next((i for i, p in enumerate(parts) if len(p) > _BIG), None)
+        if big is None:
+            return b"".join(parts)
+        self._stash = parts[big:]
+        if big:
+            return b"".join(parts[:big])
+        return self._stash.pop(0)
+
+    def _unstash(self) -> bytes:
+        stash = self._stash
+        if len(stash[0]) > _BIG:
+            return stash.pop(0)
+        self._stash = []
+        return stash[0] if len(stash) == 1 else b"".join(stash)
 
     # --- state -----------------------------------------------------------------------
 
     @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def group(self) -> _Group:
+        """The subscribers it shares a filter (and encoded frames) with."""
+        return self._group
+
+    @property
+    def resync_reason(self) -> str | None:
+        """Why its next read starts with `resync` ("lagged", "since-expired"), else None."""
+        return self._resync_reason if self._phase is _RESYNC else None
+
+    @property
     def queued(self) -> int:
-        return len(self._queue) + (len(self._replay) if self._replay is not None else 0)
+        replay = self._replay
+        return len(self._queue) + (len(replay.frames) if replay is not None else 0)
 
     @property
     def lagged(self) -> bool:
-        return self._resync_reason == "lagged"
+        return self.resync_reason == "lagged"
 
     @property
     def finished(self) -> bool:
         """True once `end` was handed out or `close()` was called."""
-        return self._done or self._closed
-
-    def close(self) -> None:
-        """Stop receiving; a task parked in next_chunk wakes with ClosedResourceError."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.clear()
-        self._replay = None
-        self._broker._unregister(self)
-        self._wake()
+        return self._phase in (_DONE, _CLOSED)
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -346,7 +537,9 @@ class Broker:
     """Numbers frames, keeps a ring of recent ones for `since`, fans out to subscribers.
 
     `table` returns the source's table as of the last published frame (for snapshots):
-    the source must update its table and publish with no await in between.
+    the source must update its table and publish with no await in between. `seq` is
+    the last seq of an earlier run: numbers go on above it (the server starts them at
+    its start time, so they only grow across restarts).
     """
 
     def __init__(
@@ -359,16 +552,19 @@ class Broker:
         source: str = "unknown",
         reason: str | None = None,
         snapshot_cache: int = DEFAULT_SNAPSHOT_CACHE,
+        seq: int = 0,
     ) -> None:
         if queue < 1:
             raise ValueError("queue must hold at least one frame")
         if ring < 0:
             raise ValueError("ring must not be negative")
+        if seq < 0:
+            raise ValueError("seq must not be negative")
         self.queue_limit = queue
         self.ns_id = ns_id
         self._table = table
         self._ring: deque[_Item] = deque(maxlen=ring)
-        self._seq = 0
+        self._seq = seq
         self._published = 0
         self._drops = 0
         self._groups: dict[Any, _Group] = {}
@@ -403,8 +599,11 @@ class Broker:
         self._snapshots.clear()
 
     def publish(self, frame: Event | Resync | End) -> int:
-        """Number the frame (Event/Resync: its `seq` is set in place) and offer it to every
-        subscriber. Never blocks. Returns the seq (`last_seq` for End)."""
+        """Number the frame and offer it to every subscriber. Never blocks. Returns the
+        seq (`last_seq` for End).
+
+        The one place a frame gets its seq: an Event or Resync is published (and kept in
+        the ring) as a numbered copy; the caller's frame is left as it was."""
         if self._end is not None:
             raise RuntimeError("the broker has ended: nothing can be published after End")
         if isinstance(frame, End):
@@ -416,12 +615,12 @@ class Broker:
         if not isinstance(frame, (Event, Resync)):
             raise TypeError(f"only Event, Resync and End are published, not {type(frame)}")
         seq = self._seq = self._seq + 1
-        frame.seq = seq
+        numbered = msgspec.structs.replace(frame, seq=seq)
         self._published += 1
-        item = _Item(frame, seq)
+        item = _Item(numbered, seq)
         self._ring.append(item)
-        ev = frame if type(frame) is Event else None
-        ns = frame.ns_id if type(frame) is Resync else None  # one namespace's resync
+        ev = numbered if type(numbered) is Event else None
+        ns = numbered.ns_id if type(numbered) is Resync else None  # one namespace's resync
         for group in self._groups.values():
             if ev is None or group.empty:
                 if ns is not None and not group.filter.ns_matches(ns):
@@ -432,31 +631,19 @@ class Broker:
                 if out is None:
                     continue
                 it = item if out is ev else _Item(out, seq)
-            for sub in group.subs:
-                if sub._skip:
-                    continue  # its next read starts from a fresh snapshot anyway
-                q = sub._queue
-                if len(q) < sub._limit:
-                    q.append(it)
-                else:
-                    self._lag(sub)
-            tick = group.tick
-            if tick is not None:
-                group.tick = None
-                tick.set()
+            self._offer(group, it)
         return seq
 
-    def _lag(self, sub: Subscription) -> None:
-        sub._queue.clear()
-        sub._replay = None
-        if sub._replay_ends:  # the replay's `end`s not handed out yet come with the resync
-            sub._end_mark = min(sub._end_mark, sub._replay_ends[0][0])
-        sub._replay_ends = None
-        sub._skip = True
-        sub._resync_reason = "lagged"
-        sub.drops += 1
-        self._drops += 1
-        sub._wake()
+    def _offer(self, group: _Group, item: _Item) -> None:
+        """One frame to every subscriber of a group (each queues it, or lags), then the
+        group's parked readers are woken."""
+        for sub in group.subs:
+            if not sub.offer(item):
+                self._drops += 1
+        tick = group.tick  # group.wake(), inline: this runs per frame and group
+        if tick is not None:
+            group.tick = None
+            tick.set()
 
     def _publish_ns_end(self, frame: End) -> None:
         """One namespace of several ended: an ordinary frame, for those who see that
@@ -467,25 +654,14 @@ class Broker:
         self._ns_ends.append((self._ns_end_count, self._seq, frame.ns_id, item))
         self._ns_end_count += 1
         for group in self._groups.values():
-            if not group.filter.ns_matches(frame.ns_id):
-                continue
-            for sub in group.subs:
-                if sub._skip:
-                    continue  # its next read starts from a fresh snapshot anyway
-                q = sub._queue
-                if len(q) < sub._limit:
-                    q.append(item)
-                else:
-                    self._lag(sub)
-            group.wake()
+            if group.filter.ns_matches(frame.ns_id):
+                self._offer(group, item)
 
     def _publish_end(self, frame: End) -> None:
-        item = self._end = _Item(frame, self._seq)
+        self._end = _Item(frame, self._seq)
         for group in self._groups.values():
-            for sub in group.subs:
-                sub._end = item
-                sub._wake()
-        # They unregister themselves once `end` is handed out.
+            group.wake()
+        # Each hands `end` out after its queue, and then unregisters.
 
     # --- the subscribers' side -----------------------------------------------------------
 
@@ -508,31 +684,13 @@ class Broker:
             group = _Group(key, req.filter)
         sub = Subscription(self, req, group)
         if self._end is not None:
-            sub._ready_sent = True  # the namespace is gone: just say so
-            sub._end = self._end
-            return sub
-        if req.since is not None:
-            replay = self._replay_from(req.since)
-            if replay is None:
-                sub._skip = True
-                sub._resync_reason = "since-expired"
-                # A `since` from another server run (ahead of us) knows none of our ends.
-                sub._resync_since = req.since if req.since <= self._seq else self._seq + 1
-            else:
-                sub._replay = replay
-                sub._sent_seq = req.since
-                f = req.filter
-                sub._replay_ends = deque(
-                    e for e in self._ns_ends if e[1] >= req.since and f.ns_matches(e[2])
-                )
-        elif req.snapshot:
-            sub._skip = True
+            return sub  # it hands out `end` alone: nothing to register for
         self._groups[key] = group
         group.subs[sub] = None
         self._nsubs += 1
         return sub
 
-    def _replay_from(self, since: int) -> deque[_Item] | None:
+    def replay_from(self, since: int) -> deque[_Item] | None:
         """The ring frames after `since`, or None if the ring does not hold them all."""
         last = self._seq
         if since > last:
@@ -544,20 +702,49 @@ class Broker:
             return None
         return deque(itertools.islice(ring, since + 1 - ring[0].seq, None))
 
-    def _unregister(self, sub: Subscription) -> None:
-        group = sub._group
+    @property
+    def end_item(self) -> _Item | None:
+        """The stream's `end`, once published (each subscriber hands it out last)."""
+        return self._end
+
+    @property
+    def ns_end_mark(self) -> int:
+        """The index the next namespace `end` will get."""
+        return self._ns_end_count
+
+    def ns_ends_after(self, since: int, f: Filter) -> deque[_NsEnd]:
+        """The namespace `end`s a `since` replay hands out among the ring frames."""
+        return deque(e for e in self._ns_ends if e[1] >= since and f.ns_matches(e[2]))
+
+    def ns_ends_missed(self, mark: int, since: int | None, f: Filter) -> list[_Item]:
+        """The namespace `end`s a subscriber starting over missed: from index `mark` on,
+        or (an expired `since`) those published once `since` was the last seq."""
+        return [
+            item
+            for idx, at, ns, item in self._ns_ends
+            if (idx >= mark if since is None else at >= since) and f.ns_matches(ns)
+        ]
+
+    def unregister(self, sub: Subscription) -> None:
+        """A subscription that left (closed, or handed out `end`)."""
+        group = sub.group
         if sub in group.subs:
             del group.subs[sub]
             self._nsubs -= 1
             if not group.subs and self._groups.get(group.key) is group:
                 del self._groups[group.key]
 
-    def _ready_bytes(self, fmt: Format) -> bytes:
+    def ready_bytes(self, fmt: Format) -> bytes:
+        """The `ready` frame, encoded once per format."""
         b = self._ready.get(fmt)
         if b is None:
             frame = Ready(source=self._source, ns_id=self.ns_id, reason=self._reason)
             b = self._ready[fmt] = _Item(frame, 0).encoded(fmt)
         return b
+
+    def snapshot(self, fmt: Format, group: _Group) -> bytes:
+        """The table as of last_seq, filtered for the group, encoded (and cached)."""
+        return self._snapshot_bytes(fmt, group)
 
     def _snapshot_bytes(self, fmt: Format, group: _Group) -> bytes:
         """The table as of last_seq, filtered for the group, encoded once per seq."""

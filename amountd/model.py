@@ -5,6 +5,10 @@ decoded as UTF-8 with surrogateescape (the convention of `os.listdir`), so every
 survives. msgpack carries it as `bin` (the raw bytes); JSON carries it as text in which
 a byte that is not valid UTF-8, and the backslash itself, are written `\\xNN`, so the
 JSON form is readable and still reversible.
+
+Records and frames are frozen values: one handed on is never changed under its holder.
+Whoever needs another value builds one (`msgspec.structs.replace`); the broker's
+`publish` is the one place a frame gets its `seq`.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ Via = Literal["fanotify", "mountinfo", "resync"]
 ACTIONS: tuple[str, ...] = ("mount", "umount", "move", "remount", "propagation")
 
 
-class Mount(msgspec.Struct, kw_only=True):
+class Mount(msgspec.Struct, kw_only=True, frozen=True):
     """One mount: a line of mountinfo, or one statmount answer.
 
     A field the source cannot know (or the kernel no longer gives, for a mount that is
@@ -113,19 +117,19 @@ class Mount(msgspec.Struct, kw_only=True):
         return k
 
 
-class Snapshot(msgspec.Struct, kw_only=True, tag="snapshot", tag_field="type"):
+class Snapshot(msgspec.Struct, kw_only=True, frozen=True, tag="snapshot", tag_field="type"):
     seq: int
     ns_id: int | None
     mounts: list[Mount]
 
 
-class Ready(msgspec.Struct, kw_only=True, tag="ready", tag_field="type"):
+class Ready(msgspec.Struct, kw_only=True, frozen=True, tag="ready", tag_field="type"):
     source: str
     ns_id: int | None
     reason: str | None = None
 
 
-class Event(msgspec.Struct, kw_only=True, tag="event", tag_field="type"):
+class Event(msgspec.Struct, kw_only=True, frozen=True, tag="event", tag_field="type"):
     seq: int
     time: float
     action: Action
@@ -136,32 +140,36 @@ class Event(msgspec.Struct, kw_only=True, tag="event", tag_field="type"):
     comm: str | None = None
 
 
-class Resync(msgspec.Struct, kw_only=True, tag="resync", tag_field="type", omit_defaults=True):
+class Resync(
+    msgspec.Struct, kw_only=True, frozen=True, tag="resync", tag_field="type", omit_defaults=True
+):
     seq: int
     reason: str
     ns_id: int | None = None
     """The one namespace this concerns, from a server watching several (else None)."""
 
 
-class End(msgspec.Struct, kw_only=True, tag="end", tag_field="type", omit_defaults=True):
+class End(
+    msgspec.Struct, kw_only=True, frozen=True, tag="end", tag_field="type", omit_defaults=True
+):
     reason: str
     ns_id: int | None = None
     """Set when one namespace of several ended (the stream goes on); None: the stream ends."""
 
 
-class Error(msgspec.Struct, kw_only=True, tag="error", tag_field="type"):
+class Error(msgspec.Struct, kw_only=True, frozen=True, tag="error", tag_field="type"):
     code: str
     message: str
 
 
-class NamespaceStatus(msgspec.Struct, kw_only=True):
+class NamespaceStatus(msgspec.Struct, kw_only=True, frozen=True):
     """One watched namespace in a `status` frame."""
 
     ns_id: int | None = None
     mounts: int = 0
 
 
-class SubscriberStatus(msgspec.Struct, kw_only=True):
+class SubscriberStatus(msgspec.Struct, kw_only=True, frozen=True):
     """One subscriber in a `status` frame: who, what it asked for, how far behind."""
 
     id: int = 0
@@ -174,7 +182,7 @@ class SubscriberStatus(msgspec.Struct, kw_only=True):
     delivered: int = 0
 
 
-class Status(msgspec.Struct, kw_only=True, tag="status", tag_field="type"):
+class Status(msgspec.Struct, kw_only=True, frozen=True, tag="status", tag_field="type"):
     """A running server's state: its one answer to a `status` request (`amountd status`).
     Every field has a default, so a field added later still decodes in an older client."""
 

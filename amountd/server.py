@@ -995,10 +995,8 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
             source=source_label(src),
             reason=src.reason,
             snapshot_cache=config.snapshot_cache,
+            seq=time.time_ns() // 1000,  # above every earlier run's (see the module doc)
         )
-        # Numbers from this run start above every earlier run's (see the module doc).
-        # The broker has no parameter for it yet; nothing is published or subscribed.
-        broker._seq = time.time_ns() // 1000
         server = Server(config, broker, table, service)
         listeners, unix = await _open_listeners(service.unpassed(config), token, ssl_ctx, gid)
         listeners += await _passed_listeners(passed, config, token, ssl_ctx)

@@ -202,7 +202,7 @@ class Service:
     def subscribed(self, sub: Subscription, peer: str) -> None:
         """A subscriber joined: remember who it is (for `status`)."""
         self._peers[sub] = peer
-        if sub._resync_reason == "since-expired" and self.metrics is not None:
+        if sub.resync_reason == "since-expired" and self.metrics is not None:
             self.metrics.resyncs.inc("since-expired")
 
     # --- systemd ------------------------------------------------------------------------

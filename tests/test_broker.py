@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import pytest
 
 from amountd.broker import Broker, Subscription
@@ -153,14 +154,16 @@ async def test_queued_frames_are_coalesced() -> None:
 async def test_seq_only_grows_and_is_assigned() -> None:
     src = Source()
     assert src.broker.last_seq == 0
-    e = ev("mount", mnt(5, "/a"))
-    e.seq = 999
+    sub = src.broker.subscribe()
+    e = msgspec.structs.replace(ev("mount", mnt(5, "/a")), seq=999)
     assert src.emit(e) == 1
-    assert e.seq == 1
+    assert e.seq == 999  # frames are frozen: the broker numbers a copy
     r = Resync(seq=0, reason="overflow")
     assert src.broker.publish(r) == 2
-    assert r.seq == 2
+    assert r.seq == 0
     assert src.broker.last_seq == 2
+    got = read_now(sub)
+    assert got[1:] == [msgspec.structs.replace(e, seq=1), Resync(seq=2, reason="overflow")]
     with pytest.raises(TypeError):
         src.broker.publish(Ready(source="x", ns_id=None))  # type: ignore[arg-type]
 

@@ -169,8 +169,7 @@ async def test_a_subscriber_that_lagged_past_a_namespaces_end_still_gets_it() ->
     assert [type(f) for f in await _drain(only2)] == [Resync, Snapshot]
     # A `since` the ring no longer holds: resync, snapshot, ready, and the `end`s after it;
     # a fresh snapshot subscriber knew nothing of namespace 1, so gets no `end`.
-    ring = Broker(table=table.mounts, ring=2)
-    ring._seq = 100
+    ring = Broker(table=table.mounts, ring=2, seq=100)
     ring.publish(ev(mnt(2, U + 21, "/y")))
     ring.publish(End(reason="gone", ns_id=1))
     for i in range(3):

@@ -50,14 +50,15 @@ from typing import Self
 
 import anyio
 import anyio.abc
-import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from msgspec.structs import replace
 
 from ..errors import AmountdError, NamespaceError, UsageError
 from ..model import End, Event, Mount, Resync, Via
 from ..ns import Namespace, _from_pid, _pids_by_inode, _walk, locate, resolve_ns
 from ..ns import all_namespaces as list_namespaces
 from ..table import MountTable, apply, diff
+from . import arm_source
 from .base import Change, Source
 
 __all__ = ["MultiSource", "open_watch", "scan_namespaces", "source_label"]
@@ -104,29 +105,7 @@ _MAX_BACKOFF = 30.0
 
 async def open_one(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
     """One armed sub-source: fanotify, else (auto) mountinfo with the reason why."""
-    from .fanotify import FanotifySource
-    from .mountinfo_poll import MountinfoSource
-
-    reason: str | None = None
-    if kind in ("auto", "fanotify"):
-        fan = FanotifySource(ns, unlimited_queue=unlimited_queue)
-        try:
-            await fan.arm()
-        except AmountdError as e:
-            fan.close()
-            if kind == "fanotify":
-                raise
-            reason = f"fanotify unavailable: {e}; fell back to mountinfo"
-        else:
-            return fan
-    src = MountinfoSource(ns)
-    src.reason = reason
-    try:
-        await src.arm()
-    except BaseException:
-        src.close()
-        raise
-    return src
+    return await arm_source(kind, ns, unlimited_queue=unlimited_queue)
 
 
 def scan_namespaces(seen: frozenset[int]) -> tuple[set[int], list[Namespace]]:
@@ -491,28 +470,24 @@ class MultiSource(Source):
         out: list[Change] = []
         for frame in batch:
             if type(frame) is Event:
-                m = frame.mount
-                if m.ns_id != ns:
-                    frame.mount = m = _stamped(m, ns)
-                    if frame.old is not None:
-                        frame.old = _stamped(frame.old, ns)
+                ev = _stamped_event(frame, ns)
+                m = ev.mount
                 key = m.key
                 if m.id is None:  # a 32-bit ID: another namespace may hold it (see above)
                     cur = table.get(key)
                     if cur is None or cur.ns_id != ns:
-                        if frame.action != "mount":
+                        if ev.action != "mount":
                             continue  # about a mount already reported gone
                         if cur is not None:
                             out.append(self._forget(cur))
-                apply(table, frame)
-                if frame.action == "umount":
+                apply(table, ev)
+                if ev.action == "umount":
                     keys.discard(key)
                 else:
                     keys.add(key)
-                out.append(frame)
+                out.append(ev)
             elif type(frame) is Resync:
-                frame.ns_id = ns
-                out.append(frame)
+                out.append(frame if frame.ns_id == ns else replace(frame, ns_id=ns))
             elif type(frame) is End:
                 self._finish(sub, frame, out)
                 break
@@ -548,8 +523,7 @@ class MultiSource(Source):
             for ev in diff(left, MountTable(), via="resync", time=time.time()):
                 self.table.pop(ev.mount.key)
                 out.append(ev)
-        end.ns_id = ns
-        out.append(end)
+        out.append(end if end.ns_id == ns else replace(end, ns_id=ns))
         self._subs.pop(ns, None)
         self.ended.append(ns)
         log.info("%s ended: %s", sub.label, end.reason)
@@ -564,7 +538,15 @@ class MultiSource(Source):
 
 
 def _stamped(m: Mount, ns_id: int) -> Mount:
-    return m if m.ns_id == ns_id else msgspec.structs.replace(m, ns_id=ns_id)
+    return m if m.ns_id == ns_id else replace(m, ns_id=ns_id)
+
+
+def _stamped_event(ev: Event, ns_id: int) -> Event:
+    """The event with its records marked with their namespace (a new value if need be)."""
+    if ev.mount.ns_id == ns_id and (ev.old is None or ev.old.ns_id == ns_id):
+        return ev
+    old = None if ev.old is None else _stamped(ev.old, ns_id)
+    return replace(ev, mount=_stamped(ev.mount, ns_id), old=old)
 
 
 @contextlib.asynccontextmanager
