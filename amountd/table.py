@@ -7,7 +7,7 @@ every frame with `apply_frame` ends with the kernel's table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView
 
 import msgspec
 
@@ -75,7 +75,7 @@ class MountTable:
     def __repr__(self) -> str:
         return f"MountTable({len(self._by_key)} mounts)"
 
-    def keys(self) -> Iterable[int]:
+    def keys(self) -> KeysView[int]:
         return self._by_key.keys()
 
     def items(self) -> Iterable[tuple[int, Mount]]:

@@ -131,25 +131,27 @@ class Tracker:
         then mounts, parents before children: each described by one statmount. A mount
         gone before it could be described was never seen, and is not reported."""
         table = self.table
+        keys = table.keys()
         gone: list[Mount] = []
-        if whole:
+        if whole:  # set operations, in C: this is O(mounts) on every umount
             live = set(ids)
-            gone = [m for key, m in table.items() if key not in live]
-        depth_old = table.copy() if gone else table
+            gone = [table[key] for key in keys - live]
+            ids = sorted(live.difference(keys))
+        else:
+            ids = [mid for mid in ids if mid not in keys]
+        old_depth = {m.key: table.depth(m.key) for m in gone}  # before they leave
         for m in gone:
             table.pop(m.key)
             self._digests.pop(m.key, None)
         added: list[Mount] = []
         for mid in ids:
-            if mid in table:
-                continue
             new = self._read(mid)
             if new is not None:
                 table.add(new)
                 added.append(new)
         if ids:
             self.top = max(self.top, ids[-1])
-        gone.sort(key=lambda m: (-depth_old.depth(m.key), m.target or "", m.key))
+        gone.sort(key=lambda m: (-old_depth[m.key], m.target or "", m.key))
         added.sort(key=lambda m: (table.depth(m.key), m.target or "", m.key))
         out = [self._event("umount", m, None, now) for m in gone]
         out += [self._event("mount", m, None, now) for m in added]
