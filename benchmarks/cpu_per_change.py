@@ -459,7 +459,7 @@ def plot(result: Result, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("mounts in the namespace")
         ax.set_ylabel("watcher CPU per change (µs)")
-        ax.set_title("CPU per mount change: fanotify vs re-reading mountinfo")
+        ax.set_title("CPU per mount change, by source")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
 
