@@ -88,8 +88,9 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
         default="auto",
-        metavar="auto|fanotify|mountinfo",
-        help="where changes come from (default: auto = fanotify, else mountinfo, saying why)",
+        metavar="auto|fanotify|listmount|mountinfo",
+        help="where changes come from (default: auto = fanotify on Linux 6.15+, else "
+        "listmount on 6.8+, else mountinfo, saying why)",
     )
 
 

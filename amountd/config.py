@@ -45,7 +45,7 @@ DEFAULT_CONFIG_PATH = "/etc/amountd/amountd.toml"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
-SourceKind = Literal["auto", "fanotify", "mountinfo"]
+SourceKind = Literal["auto", "fanotify", "listmount", "mountinfo"]
 
 
 class ConfigError(AmountdError):

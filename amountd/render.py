@@ -49,16 +49,32 @@ def mount_line(m: Mount, action: str | None = None) -> str:
 
 
 def event_line(ev: Event) -> str:
-    line = mount_line(ev.mount, ev.action)
+    """The row shows the mount's new state, and what changed beside it: a remount its new
+    per-mount OPTIONS (the row's column) and FS-OPTIONS, with OLD-OPTIONS (and
+    OLD-FS-OPTIONS where the superblock's changed); a propagation change the new and old
+    propagation, like findmnt's PROPAGATION column."""
+    m = ev.mount
+    line = mount_line(m, ev.action)
     old = ev.old
-    if old is not None:
-        if ev.action == "move":
-            line += f"  OLD-TARGET={human_path(old.target)}"
-        if old.options != ev.mount.options:
+    if old is None:
+        return line
+    if ev.action == "move":
+        line += f"  OLD-TARGET={human_path(old.target)}"
+        if old.options != m.options:
             line += f"  OLD-OPTIONS={old.options or '-'}"
-        if ev.action == "remount" and old.fs_options != ev.mount.fs_options:
+    elif ev.action == "remount":
+        line += f"  FS-OPTIONS={human_path(m.fs_options)}"
+        line += f"  OLD-OPTIONS={old.options or '-'}"
+        if old.fs_options != m.fs_options:
             line += f"  OLD-FS-OPTIONS={human_path(old.fs_options)}"
-        if ev.action == "propagation":
-            line += f"  PROPAGATION={ev.mount.propagation or 'private'}"
-            line += f"  OLD-PROPAGATION={old.propagation or 'private'}"
+    elif ev.action == "propagation":
+        line += f"  PROPAGATION={_propagation(m.propagation)}"
+        line += f"  OLD-PROPAGATION={_propagation(old.propagation)}"
     return line
+
+
+def _propagation(p: str | None) -> str:
+    """findmnt's words where it has them: `private` for no optional fields."""
+    if p is None:
+        return "-"
+    return p.replace(" ", ",") if p else "private"

@@ -7,7 +7,7 @@ every frame with `apply_frame` ends with the kernel's table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView
 
 import msgspec
 
@@ -21,6 +21,7 @@ __all__ = [
     "diff",
     "parent_key",
     "same_mount",
+    "split_change",
 ]
 
 
@@ -74,7 +75,7 @@ class MountTable:
     def __repr__(self) -> str:
         return f"MountTable({len(self._by_key)} mounts)"
 
-    def keys(self) -> Iterable[int]:
+    def keys(self) -> KeysView[int]:
         return self._by_key.keys()
 
     def items(self) -> Iterable[tuple[int, Mount]]:
@@ -173,6 +174,25 @@ def classify(old: Mount, new: Mount) -> Action | None:
     return None
 
 
+def split_change(old: Mount, new: Mount) -> list[tuple[Action, Mount, Mount]]:
+    """One (action, before, after) per kind of change between two states of one mount.
+
+    A mount whose propagation changed along with anything else (its options, say) gives
+    `propagation` first (only the propagation changed: `old` with `new`'s), then the
+    rest as a `remount`: applying them in order gives `new`. A move stays one event
+    (its record is the mount's whole new state).
+    """
+    action = classify(old, new)
+    if action is None:
+        if old == new:
+            return []
+        action = "remount"  # a field classify does not name
+    if action != "remount" or old.propagation == new.propagation:
+        return [(action, old, new)]
+    mid = msgspec.structs.replace(old, propagation=new.propagation)
+    return [("propagation", old, mid), ("remount", mid, new)]
+
+
 def diff(
     old: MountTable,
     new: MountTable,
@@ -188,7 +208,9 @@ def diff(
     2. umounts, children before parents (by the old tree);
     3. mounts and the remaining moves, parents before children (by the new tree), so
        a mount moved under a new mount comes after that mount;
-    4. remounts and propagation changes, in tree order.
+    4. remounts and propagation changes, in tree order: a mount whose propagation and
+       options both changed gives two events, `propagation` then `remount`
+       (`split_change`), one per kind of change.
 
     Applying the events to a copy of `old` in order gives exactly `new`: a record that
     changed in a field `classify` does not name (e.g. a field a source filled in
@@ -199,7 +221,7 @@ def diff(
     umounts: list[Mount] = []
     mounted: list[Mount] = []
     moves: list[tuple[Mount, Mount]] = []
-    changes: list[tuple[Action, Mount, Mount]] = []
+    changes: list[tuple[Mount, list[tuple[Action, Mount, Mount]]]] = []
     for key, o in old_by.items():
         n = new_by.get(key)
         if n is None:
@@ -207,11 +229,10 @@ def diff(
         elif n is o or n == o:
             continue
         elif same_mount(o, n):
-            action = classify(o, n)
-            if action == "move":
+            if classify(o, n) == "move":
                 moves.append((o, n))
             else:
-                changes.append((action or "remount", o, n))
+                changes.append((n, split_change(o, n)))
         else:
             umounts.append(o)
             mounted.append(n)
@@ -256,8 +277,8 @@ def diff(
     arrivals.sort(key=lambda a: a[0])
     out.extend(event("mount", m) if o is None else event("move", m, o) for _, m, o in arrivals)
 
-    changes.sort(key=lambda c: tree(c[2]))
-    out.extend(event(action, n, o) for action, o, n in changes)
+    changes.sort(key=lambda c: tree(c[0]))
+    out.extend(event(action, n, o) for _, steps in changes for action, o, n in steps)
     return out
 
 

@@ -140,7 +140,7 @@ def test_empty_string_switches_an_optional_setting_off() -> None:
         (
             b'source = "magic"',
             f"bad value for 'source' in {ETC}: invalid enum value 'magic' (choose from auto, "
-            "fanotify, mountinfo)",
+            "fanotify, listmount, mountinfo)",
         ),
         (b'log_format = "xml"', f"bad value for 'log_format' in {ETC}: invalid enum value 'xml'"),
         (

@@ -19,7 +19,7 @@ from .conftest import PrivateNs, next_events, next_frames, no_more_frames
 
 pytestmark = pytest.mark.anyio
 
-SOURCES = ["mountinfo", "fanotify", "auto"]
+SOURCES = ["mountinfo", "fanotify", "listmount", "auto"]
 
 
 @pytest.fixture(params=SOURCES)
@@ -28,12 +28,18 @@ def source(request: pytest.FixtureRequest) -> str:
 
 
 def _check_origin(ev: Event, source: str) -> None:
-    """What only the fanotify source knows: the unique ID and the process behind it."""
+    """What only the fanotify source knows: the unique ID and the process behind it
+    (listmount: the unique ID, learnt from mountinfo's POLLPRI, no process)."""
     if source == "mountinfo":
         assert ev.via == "mountinfo"
         assert ev.pid is None
         assert ev.mount.id is None
         assert ev.mount.legacy_id is not None
+    elif source == "listmount":
+        assert ev.via == "mountinfo"
+        assert ev.pid is None
+        assert ev.mount.id is not None and ev.mount.id >= 2**31
+        assert ev.mount.ns_id is not None and ev.mount.parent_id is not None
     else:
         assert ev.via == "fanotify"
         assert ev.mount.id is not None

@@ -24,6 +24,7 @@ from amountd.table import (
     diff,
     parent_key,
     same_mount,
+    split_change,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -213,6 +214,28 @@ def test_move_remount_propagation_carry_old() -> None:
     assert actions(evs) == [("move", 11), ("remount", 12), ("propagation", 13)]
     assert [(e.mount, e.old) for e in evs] == [(b2, b), (c2, c), (d2, old[13])]
     assert applied(old, evs) == new
+
+
+def test_propagation_and_options_changed_together_are_two_events() -> None:
+    """One event per kind of change: `propagation` (only that changed), then `remount`;
+    applied in order they give the kernel's record."""
+    a, b = mk(10, 1, "/"), mk(11, 10, "/a", fs_options=fspath("rw,size=1024k"))
+    old = MountTable([a, b])
+    b2 = replace_(
+        b, options="ro,relatime", fs_options=fspath("ro,size=2048k"), propagation="shared:7"
+    )
+    new = MountTable([a, b2])
+    evs = run(old, new)
+    assert actions(evs) == [("propagation", 11), ("remount", 11)]
+    prop, rem = evs
+    assert prop.old == b
+    assert prop.mount == replace_(b, propagation="shared:7")
+    assert (rem.old, rem.mount) == (prop.mount, b2)
+    assert applied(old, evs) == new
+    # a change of propagation alone, or of options alone, stays one event
+    assert [s[0] for s in split_change(b, replace_(b, propagation="shared:7"))] == ["propagation"]
+    assert [s[0] for s in split_change(b, replace_(b, options="ro"))] == ["remount"]
+    assert split_change(b, b) == []
 
 
 def test_legacy_id_reused_at_once_is_umount_then_mount() -> None:
@@ -418,6 +441,9 @@ def table_pairs(draw: st.DrawFn, unique: bool) -> tuple[MountTable, MountTable]:
             n.fs_options = "rw,size=4k"
         elif choice == 4:
             n.propagation = "shared:9" if n.propagation == "" else ""
+        elif choice == 5:  # both at once: two events, propagation then remount
+            n.options = "ro"
+            n.propagation = "shared:9" if n.propagation == "" else ""
     # new mounts, some under the new ones, some (legacy) on a just-freed key
     reusable = [k for k in removed if k not in b]
     for _ in range(draw(st.integers(0, 6))):
@@ -449,9 +475,16 @@ def check_diff(old: MountTable, new: MountTable) -> None:
             assert e.mount == old[e.mount.key] and e.old is None
         elif e.action == "mount":
             assert e.old is None
+        elif e.action == "propagation":
+            # first of its key's changes: from the old record, only propagation changed
+            o = old[e.mount.key]
+            assert e.old == o
+            assert e.mount == replace_(o, propagation=new[e.mount.key].propagation)
+        elif e.action == "remount" and ("propagation", e.mount.key) in pos:
+            assert e.old == evs[pos[("propagation", e.mount.key)]].mount
         else:
             assert e.old == old[e.mount.key]
-        assert e.action == "umount" or e.mount == new[e.mount.key]
+        assert e.action in ("umount", "propagation") or e.mount == new[e.mount.key]
 
     # what each key's events say matches what the tables say
     for key in set(old.keys()) | set(new.keys()):
@@ -466,7 +499,7 @@ def check_diff(old: MountTable, new: MountTable) -> None:
         elif o == n:
             assert said == []
         else:
-            assert said == [classify(o, n) or "remount"]
+            assert said == sorted(a for a, _, _ in split_change(o, n))
 
     for (action, key), i in pos.items():
         if action in ("mount", "move"):

@@ -183,15 +183,21 @@ def stat_mount(mnt_id: int, ns_id: int = 0) -> Mount:
     return statmount_to_mount(parse_statmount(statmount(mnt_id, ns_id)))
 
 
-def listmount(ns_id: int = 0, *, root: int = c.LSMT_ROOT) -> list[int]:
+def listmount(
+    ns_id: int = 0, *, root: int = c.LSMT_ROOT, after: int = 0, page: int = 0
+) -> list[int]:
     """Every unique mount ID below `root` (LSMT_ROOT: the whole table), ascending.
 
     `ns_id` 0 means the caller's namespace. NamespaceGone if `ns_id` names none.
+    `after`: only IDs above it (unique IDs only grow, so: the mounts made since).
+    `page`: IDs asked for per call (0: as many as the buffer holds; libmount asks 512).
     """
     tls = _tls
     buf, n = tls.lm, tls.lm_n
+    if 0 < page < n:
+        n = page
     out: list[int] = []
-    last = 0
+    last = after
     while True:
         req = build_mnt_id_req(root, last, ns_id)
         r = _syscall(_SYS_listmount, req, buf, ctypes.c_size_t(n), _ZERO)

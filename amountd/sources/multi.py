@@ -104,7 +104,8 @@ _MAX_BACKOFF = 30.0
 
 
 async def open_one(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
-    """One armed sub-source: fanotify, else (auto) mountinfo with the reason why."""
+    """One armed sub-source: fanotify, else (auto) listmount, else mountinfo, with the
+    reason why (as `open_source` picks)."""
     return await arm_source(kind, ns, unlimited_queue=unlimited_queue)
 
 
@@ -162,8 +163,10 @@ class MultiSource(Source):
         super().__init__(_NOWHERE)
         if all_namespaces == bool(namespaces):
             raise UsageError("watch either a list of namespaces or all of them")
-        if source not in ("auto", "fanotify", "mountinfo"):
-            raise UsageError(f"unknown source {source!r}: choose one of auto, fanotify, mountinfo")
+        from . import SOURCES
+
+        if source not in SOURCES:
+            raise UsageError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
         self.fixed = list(namespaces)
         self.all_namespaces = all_namespaces
         self.source = source
@@ -345,7 +348,7 @@ class MultiSource(Source):
                     raise  # the consumer is gone
                 except Exception as e:
                     failure = e
-                if end is not None and sub.src.kind != "mountinfo":
+                if end is not None and sub.src.kind not in ("mountinfo", "listmount"):
                     await send.send((sub, end))  # the namespace was freed
                     return
                 if end is None:  # failed, or stopped without a word

@@ -1,0 +1,401 @@
+"""The listmount source: unique IDs without fanotify mount events (Linux 6.8 to 6.14).
+
+Waits for POLLPRI on /proc/PID/mountinfo like the mountinfo source (the kernel polls
+the file for us, see loop.py), but never reads it: a wake-up asks the namespace's mount
+count (one ioctl) and lists only the IDs above the highest one known (unique IDs only
+grow; listmount pages by `param`, 512 IDs a page as libmount does). When the count is
+what the table plus those new IDs make, nothing went away and only the new mounts are
+described (one statmount each); otherwise the whole ID list is taken (~0.6 ms at 10,000
+mounts) and the gone mounts are described from the table. So a mount or umount costs
+O(new mounts), not O(mounts).
+
+A remount, a move or a propagation change leaves the ID set as it was, and any POLLPRI
+may hide one behind a mount or umount made at the same instant. So each POLLPRI makes
+a sweep due: one statmount per mount, its answer hashed and skipped unparsed when it is
+the same as last time's (`Tracker.check`), reported as `remount`, `propagation` or
+`move` where it differs. Sweeps run in slices of ~1 ms between wake-ups, so a mount or
+umount is never held back by more than a slice, and within a CPU budget (`SweepBudget`:
+a share of one core, with a burst so that a lone remount in a quiet namespace is found
+at once). A sweep also runs every `sweep_interval` seconds, for propagation changes,
+which raise no POLLPRI.
+
+Events say `via: mountinfo` (learnt from mountinfo's POLLPRI; `ready.source` says
+`listmount`), carry unique IDs and no pid. Records are the fanotify source's: statmount,
+with `propagate_from` of slave mounts asked from a thread inside the namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from ..errors import AmountdError, NamespaceError
+from ..kernel import consts as c
+from ..kernel.errors import KernelError, MountGone, NamespaceGone
+from ..kernel.layouts import StatMount, parse_statmount, statmount_to_mount
+from ..kernel.syscalls import listmount, mntns_info, statmount
+from ..loop import FdWatch, PriorityWatch, close_fd, fd_is_readable
+from ..model import Action, End, Event, Mount
+from ..ns import Namespace, own_ns_id
+from ..table import MountTable, split_change
+from .base import Change, Source
+from .fanotify import Inside
+
+__all__ = ["ListmountSource", "SweepBudget", "Tracker"]
+
+PAGE = 512  # IDs per listmount call, as libmount asks
+SWEEP_BUDGET = 0.05  # the sweeps' share of one CPU, on average
+SWEEP_INTERVAL = 30.0  # s between sweeps for propagation changes (they raise no POLLPRI)
+SWEEP_BURST = 0.1  # s of CPU a sweep may spend at once after a quiet spell
+SLICE = 0.001  # s of sweeping between two looks at the kernel's fds
+
+Stat = Callable[[int], bytes | None]
+"""The raw statmount answer for a mount ID, None when the mount is gone."""
+Describe = Callable[[bytes], Mount]
+"""A raw statmount answer as the Mount mountinfo would show."""
+
+
+class SweepBudget:
+    """A token bucket of CPU seconds: `share` of a second accrues per second, up to
+    `burst`. Pure: the caller passes the time and says what it spent."""
+
+    def __init__(self, share: float, burst: float, now: float) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"the sweep budget is a share of one CPU in (0, 1], not {share}")
+        self.share = share
+        self.burst = max(burst, 0.0)
+        self.tokens = self.burst
+        self._at = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._at:
+            self.tokens = min(self.burst, self.tokens + (now - self._at) * self.share)
+        self._at = now
+
+    def allows(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens > 0
+
+    def spend(self, cpu: float, now: float) -> None:
+        self._refill(now)
+        self.tokens -= cpu
+
+    def wait(self, now: float) -> float:
+        """Seconds until a sweep may run again (0: now)."""
+        self._refill(now)
+        return 0.0 if self.tokens > 0 else (1e-4 - self.tokens) / self.share
+
+
+class Tracker:
+    """Sans-IO: the table of a namespace by unique ID, and the events that ID lists and
+    statmount answers imply. The kernel is reached only through the `stat`/`describe`
+    callables, so this is tested with plain values."""
+
+    def __init__(self, stat: Stat, describe: Describe, *, ns_id: int | None = None) -> None:
+        self.stat = stat
+        self.describe = describe
+        self.ns_id = ns_id
+        self.table = MountTable()
+        self._digests: dict[int, int] = {}  # mount ID -> hash of its last statmount answer
+        self.top = 0  # the highest ID known
+        self.parsed = 0  # answers parsed by sweeps (the rest were skipped by their hash)
+        self.checked = 0
+
+    def _read(self, mid: int) -> Mount | None:
+        raw = self.stat(mid)
+        if raw is None:
+            return None
+        self._digests[mid] = hash(raw)
+        return self.describe(raw)
+
+    def load(self, ids: Iterable[int]) -> None:
+        """The first table: every listed mount described (one gone meanwhile is left out)."""
+        for mid in ids:
+            m = self._read(mid)
+            if m is not None:
+                self.table.add(m)
+            self.top = max(self.top, mid)
+
+    def expected(self, fresh: list[int]) -> int:
+        """The mount count if the IDs above `top` (`fresh`) are all that changed."""
+        return len(self.table) + sum(1 for mid in fresh if mid not in self.table)
+
+    def relist(self, ids: list[int], *, whole: bool, now: float) -> list[Event]:
+        """Mounts and umounts: `ids` is the whole ID list (`whole`), or only the IDs
+        above `top` when nothing went away. Umounts first, children before parents,
+        then mounts, parents before children: each described by one statmount. A mount
+        gone before it could be described was never seen, and is not reported."""
+        table = self.table
+        keys = table.keys()
+        gone: list[Mount] = []
+        if whole:  # set operations, in C: this is O(mounts) on every umount
+            live = set(ids)
+            gone = [table[key] for key in keys - live]
+            ids = sorted(live.difference(keys))
+        else:
+            ids = [mid for mid in ids if mid not in keys]
+        old_depth = {m.key: table.depth(m.key) for m in gone}  # before they leave
+        for m in gone:
+            table.pop(m.key)
+            self._digests.pop(m.key, None)
+        added: list[Mount] = []
+        for mid in ids:
+            new = self._read(mid)
+            if new is not None:
+                table.add(new)
+                added.append(new)
+        if ids:
+            self.top = max(self.top, ids[-1])
+        gone.sort(key=lambda m: (-old_depth[m.key], m.target or "", m.key))
+        added.sort(key=lambda m: (table.depth(m.key), m.target or "", m.key))
+        out = [self._event("umount", m, None, now) for m in gone]
+        out += [self._event("mount", m, None, now) for m in added]
+        return out
+
+    def check(self, mid: int, now: float) -> list[Event]:
+        """One step of a sweep: the mount's answer against the table's record."""
+        old = self.table.get(mid)
+        if old is None:
+            return []
+        raw = self.stat(mid)
+        if raw is None:
+            return []  # gone: the POLLPRI of its umount brings it
+        self.checked += 1
+        digest = hash(raw)
+        if self._digests.get(mid) == digest:
+            return []  # the same answer as last time: unchanged, and not parsed
+        self._digests[mid] = digest
+        self.parsed += 1
+        new = self.describe(raw)
+        if new == old:
+            return []
+        self.table.add(new)
+        return [self._event(a, n, o, now) for a, o, n in split_change(old, new)]
+
+    def _event(self, action: Action, m: Mount, old: Mount | None, now: float) -> Event:
+        return Event(seq=0, time=now, action=action, via="mountinfo", mount=m, old=old)
+
+
+def _inside(ns: Namespace, pid: int) -> Inside | None:
+    """A thread inside the namespace, for slave mounts' propagate_from (None: not
+    needed, our own namespace, or not allowed: they then read 0, as from outside)."""
+    if ns.ns_id is None or ns.ns_id == own_ns_id():
+        return None
+    try:
+        return Inside(f"/proc/{pid}/ns/mnt")
+    except (AmountdError, OSError):
+        return None
+
+
+class ListmountSource(Source):
+    kind = "listmount"
+
+    def __init__(
+        self,
+        ns: Namespace,
+        *,
+        sweep_budget: float = SWEEP_BUDGET,
+        sweep_interval: float = SWEEP_INTERVAL,
+        sweep_burst: float = SWEEP_BURST,
+    ) -> None:
+        super().__init__(ns)
+        if ns.pid is None:
+            raise NamespaceError(
+                f"no process lives in {ns.path}: the listmount source polls /proc/PID/mountinfo "
+                "for changes; use --ns PID"
+            )
+        if ns.ns_id is None:
+            raise AmountdError(
+                f"this kernel ({os.uname().release}) gives no mount namespace IDs: "
+                "listmount needs Linux 6.8+; use the mountinfo source"
+            )
+        self.pid: int = ns.pid
+        self._ns_id: int = ns.ns_id
+        self.sweep_interval = sweep_interval
+        self._budget = SweepBudget(sweep_budget, sweep_burst, time.monotonic())
+        self._watch: FdWatch | None = None
+        self._pri: PriorityWatch | None = None
+        self._mi = self._pidfd = self._nsfd = -1
+        self._inside: Inside | None = None
+        self.tracker = Tracker(self._stat, self._describe, ns_id=self._ns_id)
+        self._pokes = 0  # POLLPRIs seen
+        self._clean = 0  # the POLLPRIs the last finished sweep has covered
+        self._sweep: list[int] | None = None  # the IDs of the sweep under way
+        self._pos = 0
+        self._sweep_from = 0
+        self._swept_at = time.monotonic()
+        self.sweeps = 0
+        self.sweep_cpu = 0.0  # s of CPU the sweeps took (for benchmarks and tests)
+        self.relists = 0  # whole ID lists taken
+
+    # ------------------------------------------------------------------- kernel shells
+
+    def _stat(self, mid: int) -> bytes | None:
+        try:
+            return statmount(mid, self._ns_id)
+        except MountGone:
+            return None
+
+    def _describe(self, raw: bytes) -> Mount:
+        sm = parse_statmount(raw)
+        return statmount_to_mount(self._fix_slave(sm))
+
+    def _fix_slave(self, sm: StatMount) -> StatMount:
+        """statmount gives a slave's propagate_from only to a caller inside the namespace."""
+        inside = self._inside
+        if inside is None or not (sm.mnt_propagation or 0) & c.MS_SLAVE or sm.mnt_id is None:
+            return sm
+        pf = inside.propagate_from(sm.mnt_id, self._ns_id)
+        if pf is None:
+            return sm
+        return msgspec.structs.replace(sm, propagate_from=pf)
+
+    def _count(self) -> int | None:
+        if self._nsfd < 0:
+            return None
+        try:
+            return mntns_info(self._nsfd)[0]
+        except KernelError:
+            return None
+
+    # ------------------------------------------------------------------------- source
+
+    @property
+    def ns_id(self) -> int | None:
+        return self._ns_id
+
+    @property
+    def parsed(self) -> int:
+        return self.tracker.parsed
+
+    async def arm(self) -> None:
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+            self._mi = os.open(f"/proc/{self.pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        except (ProcessLookupError, FileNotFoundError):
+            raise NamespaceError(f"process {self.pid} has exited") from None
+        except PermissionError:
+            raise NamespaceError(
+                f"cannot read /proc/{self.pid}/mountinfo: watching another process's "
+                "mounts needs root"
+            ) from None
+        try:
+            self._nsfd = os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            mntns_info(self._nsfd)
+        except (OSError, KernelError):  # before Linux 6.12: every wake-up lists all IDs
+            if self._nsfd >= 0:
+                os.close(self._nsfd)
+            self._nsfd = -1
+        self._pri = PriorityWatch(self._mi)
+        self._watch = FdWatch()
+        self._watch.add_readable(self._pri.fd)
+        self._watch.add_readable(self._pidfd)
+        self._inside = _inside(self.ns, self.pid)
+        # Armed before listing: a change from here on raises POLLPRI.
+        try:
+            self.tracker.load(listmount(self._ns_id, page=PAGE))
+        except NamespaceGone:
+            raise NamespaceError(f"the mount namespace of {self.ns.label} is gone") from None
+        self.table = self.tracker.table
+
+    def _relist(self, now: float) -> list[Event]:
+        tr = self.tracker
+        nr = self._count()
+        fresh = listmount(self._ns_id, after=tr.top, page=PAGE)
+        if nr is not None and nr == tr.expected(fresh):
+            return tr.relist(fresh, whole=False, now=now)
+        self.relists += 1
+        return tr.relist(listmount(self._ns_id, page=PAGE), whole=True, now=now)
+
+    def _due(self, now: float) -> bool:
+        """Whether a sweep is under way or owed (a POLLPRI since the last, or the interval)."""
+        if self._sweep is not None:
+            return True
+        if self._clean < self._pokes or now - self._swept_at >= self.sweep_interval:
+            self._sweep = list(self.tracker.table.keys())
+            self._pos = 0
+            self._sweep_from = self._pokes
+            return True
+        return False
+
+    def _slice(self, out: list[Change]) -> None:
+        """Sweep for ~SLICE seconds (or to the end), charged to the budget."""
+        ids = self._sweep
+        assert ids is not None
+        tr = self.tracker
+        cpu0 = time.thread_time()
+        stop = time.perf_counter() + SLICE
+        i, n = self._pos, len(ids)
+        now = time.time()
+        while i < n:
+            out.extend(tr.check(ids[i], now))
+            i += 1
+            if not i & 15 and time.perf_counter() >= stop:
+                break
+        self._pos = i
+        cpu = time.thread_time() - cpu0
+        self.sweep_cpu += cpu
+        mono = time.monotonic()
+        self._budget.spend(cpu, mono)
+        if i >= n:
+            self._sweep = None
+            self._clean = self._sweep_from
+            self._swept_at = mono
+            self.sweeps += 1
+
+    def _timeout(self) -> float | None:
+        """How long the loop may wait for the kernel before sweeping (None: for ever)."""
+        now = time.monotonic()
+        if self._due(now):
+            return self._budget.wait(now)
+        return max(0.0, self._swept_at + self.sweep_interval - now)
+
+    async def changes(self) -> AsyncGenerator[list[Change], None]:
+        watch, pri = self._watch, self._pri
+        assert watch is not None and pri is not None, "arm() first"
+        ended = f"namespace of pid {self.pid} ended: the process exited"
+        while True:
+            timeout = self._timeout()
+            if timeout is None or timeout > 0:
+                with anyio.move_on_after(timeout if timeout is not None else float("inf")):
+                    await watch.wait()
+            else:
+                await anyio.lowlevel.checkpoint()  # a slice at a time: others run between
+            if fd_is_readable(self._pidfd):
+                yield [End(reason=ended)]
+                return
+            out: list[Change] = []
+            if pri.fired():
+                self._pokes += 1
+                try:
+                    out.extend(self._relist(time.time()))
+                except NamespaceGone:
+                    yield [End(reason=ended)]
+                    return
+            now = time.monotonic()
+            if self._due(now) and self._budget.allows(now):
+                self._slice(out)
+            if out:
+                yield out
+
+    def close(self) -> None:
+        if self._inside is not None:
+            self._inside.close()
+            self._inside = None
+        if self._pri is not None:
+            self._pri.close()
+            self._pri = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if self._pidfd >= 0:
+            close_fd(self._pidfd)
+        for fd in (self._mi, self._nsfd):
+            if fd >= 0:
+                os.close(fd)
+        self._mi = self._pidfd = self._nsfd = -1

@@ -1,0 +1,78 @@
+"""Mount operations back to back at syscall speed, run INSIDE a private namespace.
+
+    python3 nsscript.py OP [OP ...]     each OP one argument, words split by spaces:
+    python3 nsscript.py serve           the same ops from stdin, one a line, "ok" after each
+
+    tmpfs PATH            mount -t tmpfs
+    bind SRC DST          mount --bind
+    umount PATH
+    remount PATH HOW      HOW: ro, rw, size=NNk (the superblock), bind,ro / bind,rw (the mount)
+    prop PATH KIND        KIND: shared, private, slave, unbindable (mount --make-KIND)
+    cycle PATH [US]       tmpfs on PATH, then remount it ro (US microseconds later: 0)
+
+Test helper only (plain ctypes): one process makes every change, none waits between.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+PROP = {"unbindable": 1 << 17, "private": 1 << 18, "slave": 1 << 19, "shared": 1 << 20}
+
+
+def _mount(
+    src: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None
+) -> None:
+    if libc.mount(src, target, fstype, flags, data) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {target!r}: {os.strerror(e)}")
+
+
+def run(op: str) -> None:
+    word, *args = op.split(" ")
+    paths = [os.fsencode(a) for a in args]
+    if word == "tmpfs":
+        _mount(b"t", paths[0], b"tmpfs", 0, None)
+    elif word == "bind":
+        _mount(paths[0], paths[1], None, MS_BIND, None)
+    elif word == "umount":
+        if libc.umount2(paths[0], 0) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"umount {args[0]!r}: {os.strerror(e)}")
+    elif word == "remount":
+        how = args[1]
+        flags = MS_REMOUNT | (MS_BIND if how.startswith("bind,") else 0)
+        flags |= MS_RDONLY if how.endswith("ro") else 0
+        data = how.encode() if how.startswith("size=") else None
+        _mount(None, paths[0], None, flags, data)
+    elif word == "prop":
+        _mount(None, paths[0], None, PROP[args[1]], None)
+    elif word == "cycle":
+        _mount(b"t", paths[0], b"tmpfs", 0, None)
+        if len(args) > 1:
+            time.sleep(int(args[1]) / 1e6)
+        _mount(None, paths[0], None, MS_REMOUNT | MS_RDONLY, None)
+    else:
+        raise SystemExit(f"unknown op {op!r}")
+
+
+def main() -> None:
+    if sys.argv[1:] == ["serve"]:
+        for line in sys.stdin:
+            run(line.rstrip("\n"))
+            sys.stdout.write("ok\n")
+            sys.stdout.flush()
+        return
+    for op in sys.argv[1:]:
+        run(op)
+
+
+if __name__ == "__main__":
+    main()

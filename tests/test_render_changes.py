@@ -1,0 +1,59 @@
+"""The human row of a change shows the mount's new state, with the old beside it."""
+
+from __future__ import annotations
+
+import msgspec
+
+from amountd.model import Event, Mount, fspath
+from amountd.render import event_line
+
+BIND = Mount(
+    id=2**31 + 5,
+    legacy_id=50,
+    target=fspath("/mnt/b"),
+    root=fspath("/sub"),
+    source=fspath("tsrc"),
+    fstype="tmpfs",
+    options="rw,relatime",
+    fs_options=fspath("rw,size=1024k"),
+    propagation="",
+)
+
+
+def _ev(action: str, new: Mount, old: Mount) -> Event:
+    return Event(seq=1, time=0.0, action=action, via="mountinfo", mount=new, old=old)  # type: ignore[arg-type]
+
+
+def test_remount_row_shows_new_options_and_fs_options() -> None:
+    new = msgspec.structs.replace(
+        BIND, options="ro,nosuid,relatime", fs_options=fspath("ro,size=2048k")
+    )
+    cells = event_line(_ev("remount", new, BIND)).split()
+    assert cells[:5] == ["remount", "/mnt/b", "tsrc", "tmpfs", "ro,nosuid,relatime"]
+    assert cells[5:] == [
+        "FS-OPTIONS=ro,size=2048k",
+        "OLD-OPTIONS=rw,relatime",
+        "OLD-FS-OPTIONS=rw,size=1024k",
+    ]
+
+
+def test_bind_remount_row_shows_the_unchanged_fs_options_too() -> None:
+    new = msgspec.structs.replace(BIND, options="ro,relatime")
+    cells = event_line(_ev("remount", new, BIND)).split()
+    assert cells[4:] == ["ro,relatime", "FS-OPTIONS=rw,size=1024k", "OLD-OPTIONS=rw,relatime"]
+
+
+def test_propagation_row_shows_new_and_old() -> None:
+    new = msgspec.structs.replace(BIND, propagation="shared:5 master:3")
+    cells = event_line(_ev("propagation", new, BIND)).split()
+    assert cells[0] == "propagation"
+    assert cells[5:] == ["PROPAGATION=shared:5,master:3", "OLD-PROPAGATION=private"]
+    back = event_line(_ev("propagation", BIND, new)).split()
+    assert back[5:] == ["PROPAGATION=private", "OLD-PROPAGATION=shared:5,master:3"]
+
+
+def test_move_row_shows_the_old_target() -> None:
+    new = msgspec.structs.replace(BIND, target=fspath("/mnt/c d"))
+    cells = event_line(_ev("move", new, BIND)).split()
+    assert cells[1] == "/mnt/c\\x20d"
+    assert cells[5:] == ["OLD-TARGET=/mnt/b"]
