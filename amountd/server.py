@@ -45,6 +45,7 @@ from anyio.streams.tls import TLSListener
 from .access import scope_request
 from .broker import Broker, Subscription
 from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
+from .config import PublishConfig
 from .errors import AmountdError, UsageError
 from .filter import Filter
 from .model import End, Event
@@ -95,6 +96,8 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """A connection must send its request line within this many seconds."""
     drain_timeout: float = 2.0
     """On shutdown, how long subscribers get to receive `end` before being cut off."""
+    publish: PublishConfig | None = None
+    """`--publish`: every frame and the tables into NATS JetStream (amountd.fleet)."""
 
 
 def check_config(config: ServeConfig) -> None:
@@ -107,6 +110,10 @@ def check_config(config: ServeConfig) -> None:
         raise UsageError("--ring must not be negative")
     if config.all_namespaces and (config.ns is not None or config.namespaces):
         raise UsageError("--ns and --all-namespaces exclude each other")
+    if config.publish is not None and config.publish.urls:
+        from .fleet.publisher import check_publish
+
+        check_publish(config.publish)
     if not 0 <= config.socket_mode <= 0o777:
         raise UsageError(f"bad socket mode {config.socket_mode:o}")
     if (config.tls_cert is None) != (config.tls_key is None):
