@@ -331,7 +331,12 @@ class Service:
                 from .fleet.publisher import Publisher
 
                 # Before the pump starts: the broker's seq is still the server's start.
-                self.nats = Publisher(publish, server.broker, started=server.broker.last_seq)
+                self.nats = Publisher(
+                    publish,
+                    server.broker,
+                    started=server.broker.last_seq,
+                    subscribed=self.subscribed,
+                )
                 if self.metrics is not None:
                     self.metrics.attach_publisher(self.nats)
                 tg.start_soon(self._publish, self.nats)

@@ -371,7 +371,7 @@ def test_publish_section_is_read_and_checked() -> None:
     assert c.publish.backlog == 65536
     with pytest.raises(ConfigError, match=r"unknown key 'publish.url'.*known keys: urls"):
         parse_config(b'[publish]\nurl = "nats://a:4222"')
-    with pytest.raises(ConfigError, match="publish.backlog"):
+    with pytest.raises(ConfigError, match=r"publish\.backlog"):
         parse_config(b"[publish]\nbacklog = 0")
     # Publishing needs a restart: a reload only logs it.
     assert reloadable(Config(), c) == ([], ["publish"])

@@ -19,7 +19,7 @@ import msgspec
 from ..errors import AmountdError
 from ..filter import Filter, filter_event, filter_mounts
 from ..model import Event, Frame, Mount, Resync, Snapshot, decode_json, encode_json
-from .naming import MOUNTS_BUCKET, STREAM, host_subject, parse_key
+from .naming import MOUNTS_BUCKET, STREAM, decode_mount, host_subject, parse_key
 
 __all__ = ["DEFAULT_URL", "FleetFrame", "fleet_json", "watch"]
 
@@ -46,13 +46,6 @@ def _check_loop() -> None:
         raise AmountdError("amountd.fleet runs on asyncio only (nats-py): drop --backend trio")
 
 
-def _decode_mount(value: bytes) -> Mount:
-    # Paths come back exact: the same hook as a frame's (\xNN escapes).
-    frame = decode_json(b'{"type":"snapshot","seq":0,"ns_id":null,"mounts":[' + value + b"]}")
-    assert isinstance(frame, Snapshot)
-    return frame.mounts[0]
-
-
 async def _snapshots(js: Any, hosts: str, flt: Filter, timeout: float) -> list[FleetFrame]:
     from nats.js.errors import BucketNotFoundError
 
@@ -76,7 +69,7 @@ async def _snapshots(js: Any, hosts: str, flt: Filter, timeout: float) -> list[F
                 continue
             if not fnmatch.fnmatchcase(host, hosts):
                 continue
-            tables.setdefault((host, ns), []).append(_decode_mount(entry.value))
+            tables.setdefault((host, ns), []).append(decode_mount(entry.value))
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()

@@ -20,7 +20,7 @@ import socket
 
 import msgspec
 
-from ..model import Event, Frame, Mount, encode_json
+from ..model import Event, Frame, Mount, Snapshot, decode_json, encode_json
 
 __all__ = [
     "MOUNTS_BUCKET",
@@ -28,7 +28,9 @@ __all__ = [
     "STREAM",
     "SUBJECTS",
     "NamespaceRecord",
+    "decode_mount",
     "default_host_id",
+    "event_ns",
     "frame_payload",
     "host_subject",
     "kv_subject",
@@ -141,6 +143,14 @@ def frame_payload(frame: Frame, host: str) -> bytes:
     """The frame's JSON as `--json` prints it (no newline), with `"host"` added last."""
     body = encode_json(frame)
     return body[:-1] + b',"host":"' + host.encode("ascii") + b'"}'
+
+
+def decode_mount(value: bytes) -> Mount:
+    """A `amountd_mounts` value back as a Mount, paths exact (the frames' \\xNN rule)."""
+    frame = decode_json(b'{"type":"snapshot","seq":0,"ns_id":null,"mounts":[' + value + b"]}")
+    if not isinstance(frame, Snapshot) or len(frame.mounts) != 1:
+        raise ValueError("not one mount")
+    return frame.mounts[0]
 
 
 def event_ns(ev: Event, default: int | None) -> int | None:

@@ -44,6 +44,8 @@ from .naming import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..broker import Broker, Subscription
     from ..config import PublishConfig
 
@@ -141,7 +143,14 @@ def connect_options(settings: PublishConfig) -> dict[str, Any]:
 class Publisher:
     """This host's frames and tables into JetStream (see the module doc)."""
 
-    def __init__(self, settings: PublishConfig, broker: Broker, *, started: int) -> None:
+    def __init__(
+        self,
+        settings: PublishConfig,
+        broker: Broker,
+        *,
+        started: int,
+        subscribed: Callable[[Subscription, str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.host = host_id(settings)
         self.started = started
@@ -162,6 +171,7 @@ class Publisher:
         self._last_seq = started
         self._touched: set[int | None] = set()
         self.finished = anyio.Event()
+        self._subscribed = subscribed  # who it is, for `status`
 
     # --- state -----------------------------------------------------------------------
 
@@ -213,6 +223,8 @@ class Publisher:
         """Until the server's `end` has been published (or cancelled)."""
         check_publish(self.settings)
         sub = self._sub = self._subscribe()
+        if self._subscribed is not None:
+            self._subscribed(sub, f"nats publisher ({self.host})")
         try:
             await self._connect()
             while True:
