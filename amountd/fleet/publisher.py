@@ -234,7 +234,8 @@ class Publisher:
                     try:
                         await self._reconcile(self._dirty)
                     except _Down as e:
-                        self._failed(str(e))
+                        if self.state is not State.DOWN:
+                            self._failed(str(e))
                         continue
                 chunk = None
                 with anyio.move_on_after(_POLL):
@@ -243,11 +244,7 @@ class Publisher:
                     except (anyio.EndOfStream, anyio.ClosedResourceError):
                         break
                 if chunk is not None:
-                    try:
-                        await self._chunk(chunk)
-                    except _Down as e:
-                        self._failed(str(e))
-                        continue
+                    await self._chunk(chunk)  # a failure marks NATS down, never raises
                 self._check_acks()
             with anyio.move_on_after(self.settings.ack_timeout), contextlib.suppress(_Down):
                 await self._settle()
@@ -321,14 +318,23 @@ class Publisher:
 
     # --- writing ----------------------------------------------------------------------
 
-    async def _send(self, subj: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
-        if len(self._pending) >= _INFLIGHT:
-            await self._settle(_INFLIGHT // 2)
+    async def _send(self, subj: str, payload: bytes, headers: dict[str, str] | None = None) -> bool:
+        """One write, pipelined. A failure marks NATS down and is not raised: the frames
+        still to handle must reach the mirror (the reconcile writes them)."""
+        if self.state is State.DOWN:
+            return False
         try:
+            if len(self._pending) >= _INFLIGHT:
+                await self._settle(_INFLIGHT // 2)
             fut = await self._js.publish_async(subj, payload, headers=headers)
+        except _Down as e:
+            self._failed(str(e))
+            return False
         except Exception as e:
-            raise _Down(f"publish failed: {e or type(e).__name__}") from None
+            self._failed(f"publish failed: {e or type(e).__name__}")
+            return False
         self._pending.append((time.monotonic(), fut))
+        return True
 
     async def _kv(self, op: KvOp) -> None:
         subj = kv_subject(op.bucket, op.key)
@@ -374,8 +380,8 @@ class Publisher:
             pending.popleft()
 
     async def _frame(self, kind: str, ns: int | None, payload: bytes, mid: str) -> None:
-        await self._send(subject(self.host, ns, kind), payload, {"Nats-Msg-Id": mid})
-        self.published += 1
+        if await self._send(subject(self.host, ns, kind), payload, {"Nats-Msg-Id": mid}):
+            self.published += 1
 
     def _with_host(self, body: bytes) -> bytes:
         return body[:-1] + b',"host":"' + self.host.encode() + b'"}'
@@ -521,6 +527,8 @@ class Publisher:
                 self.host, self.started, self._last_seq, f"resync{self.reconciles}.{ns or 0}"
             )
             await self._frame("resync", ns, self._with_host(encode_json(frame)), mid)
+        if self.state is State.DOWN:
+            raise _Down(self.last_error or "down")
         await self._settle()
         self._touched.clear()
         self._dirty = None
