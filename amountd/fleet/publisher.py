@@ -520,11 +520,10 @@ class Publisher:
         ops = self.mirror.diff(mounts, spaces)
         for op in ops:
             await self._kv(op)
-        self.reconciles += 1
         for ns in self.mirror.namespaces:
             frame = Resync(seq=self._last_seq, reason=reason, ns_id=ns)
             mid = msg_id(
-                self.host, self.started, self._last_seq, f"resync{self.reconciles}.{ns or 0}"
+                self.host, self.started, self._last_seq, f"resync{self.reconciles + 1}.{ns or 0}"
             )
             await self._frame("resync", ns, self._with_host(encode_json(frame)), mid)
         if self.state is State.DOWN:
@@ -533,6 +532,7 @@ class Publisher:
         self._touched.clear()
         self._dirty = None
         self._to(State.LIVE)
+        self.reconciles += 1  # with the log line below, no await between: `status` sees both
         log.info(
             "NATS publisher: reconciled (%s): %d keys held, %d written or deleted, %.3f s",
             reason,
