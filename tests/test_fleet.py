@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from amountd.fleet.naming import decode_mount, mount_key
 from amountd.model import Event, Resync, Snapshot
 from tests.conftest import HAVE_TOOLS, ROOT, PrivateNs
 from tests.multihelp import RawSub, Serve, kernel_table, ns_id_of, wait_for
-from tests.natshelp import NatsServer, kv_entries, nats_server_binary, stream_msgs
+from tests.natshelp import NatsServer, free_port, kv_entries, nats_server_binary, stream_msgs
 
 pytestmark = pytest.mark.anyio
 
@@ -267,9 +268,19 @@ async def test_fleet_watch_api_sees_events_live(
     import amountd.fleet
 
     ns = spaces[0]
-    server = _live(_serve(tmp_path, "api", ns, nats_server.url).start())
+    port = free_port()
+    metrics = ("--metrics", f"127.0.0.1:{port}")
+    server = _live(_serve(tmp_path, "api", ns, nats_server.url, *metrics).start())
     try:
         await _wait_keys(js, "api", ns.pid)
+        # The publisher's state and counts in the metrics.
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = await anyio.to_thread.run_sync(lambda: urllib.request.urlopen(url).read())
+        lines = set(text.decode().splitlines())
+        assert "amountd_publisher_up 1" in lines
+        assert "amountd_publisher_reconciles_total 1" in lines
+        assert "amountd_publisher_errors_total 0" in lines
+        assert any(x.startswith("amountd_publisher_backlog ") for x in lines)
         async with amountd.fleet.watch(nats_server.url, hosts="api", snapshot=True) as frames:
             first = await frames.__anext__()
             assert first.host == "api" and isinstance(first.frame, Snapshot)
