@@ -109,3 +109,26 @@ def test_mirror_diff_writes_only_the_difference() -> None:
     spaces = {(o.op, o.key) for o in ops if o.bucket == NAMESPACES_BUCKET}
     assert spaces == {("put", "h.7"), ("put", "h.8"), ("del", "h.9")}
     assert isinstance(Resync(seq=1, reason="lagged"), Resync)
+
+
+def test_status_shows_the_publisher() -> None:
+    from amountd.model import PublisherStatus, Status
+    from amountd.status import format_status
+
+    assert "publisher" not in format_status(Status())
+    st = Status(
+        publisher=PublisherStatus(
+            state="down",
+            host="web1",
+            urls=["nats://n:4222"],
+            backlog=3,
+            published=10,
+            reconciles=2,
+            errors=1,
+            last_error="no acknowledgement within 5 s",
+        )
+    )
+    line = format_status(st).splitlines()[-1]
+    assert line.startswith("publisher:   down as host web1 to nats://n:4222")
+    assert "backlog 3" in line and "2 reconciles" in line and "1 error " in line
+    assert "no acknowledgement" in line
