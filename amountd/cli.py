@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .server_cli import add_commands
 
     add_commands(sub, common)
+    from .fleet.cli import add_fleet_command
+
+    add_fleet_command(sub, common)
     return parser
 
 

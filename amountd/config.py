@@ -33,6 +33,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FilterConfig",
+    "PublishConfig",
     "apply_live",
     "load_config",
     "merge",
@@ -75,6 +76,36 @@ class FilterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
         )
 
 
+class PublishConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """`[publish]`: send every event and the tables to NATS JetStream (amountd.fleet).
+
+    Credentials are given as nats-py takes them: a `.creds` file, a token (from a file:
+    a secret does not belong in a world-readable settings file), an nkey seed file, TLS.
+    """
+
+    urls: list[str] = []
+    """NATS servers (several for a cluster); none: publishing is off."""
+    host_id: str | None = None
+    """This host's name in subjects and keys (default: the machine ID's first 12 hex
+    digits, else the host name; only [A-Za-z0-9_-] is kept)."""
+    credentials: str | None = None
+    token_file: str | None = None
+    nkey_seed: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    stream_max_age: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86400.0
+    """Seconds the stream keeps an event (default: 7 days)."""
+    stream_max_bytes: Annotated[int, msgspec.Meta(ge=-1)] = 1 << 30
+    """Bytes the stream keeps, oldest dropped first (default: 1 GiB; -1: no limit)."""
+    duplicate_window: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    """Seconds JetStream remembers a Nats-Msg-Id to drop a re-sent frame (default: 120)."""
+    backlog: Annotated[int, msgspec.Meta(ge=1)] = 65536
+    """Frames the publisher may fall behind before it reconciles instead (default: 65536)."""
+    ack_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Seconds without an acknowledgement before NATS counts as down (default: 5)."""
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """Everything `amountd serve` can be told, with the CLI's defaults.
 
@@ -104,6 +135,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     filter: FilterConfig = FilterConfig()
+    publish: PublishConfig = PublishConfig()
 
 
 LIVE_KEYS = frozenset({"log_level", "log_format", "queue", "filter"})
@@ -179,7 +211,7 @@ def _describe(e: msgspec.ValidationError, where: str) -> str:
 
 
 def _known_keys(path: str) -> list[str]:
-    struct: Any = {"": Config, "filter": FilterConfig}.get(path)
+    struct: Any = {"": Config, "filter": FilterConfig, "publish": PublishConfig}.get(path)
     return list(struct.__struct_fields__) if struct is not None else []
 
 

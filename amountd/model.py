@@ -28,6 +28,7 @@ __all__ = [
     "FsPath",
     "Mount",
     "NamespaceStatus",
+    "PublisherStatus",
     "Ready",
     "Resync",
     "Snapshot",
@@ -182,6 +183,21 @@ class SubscriberStatus(msgspec.Struct, kw_only=True, frozen=True):
     delivered: int = 0
 
 
+class PublisherStatus(msgspec.Struct, kw_only=True, frozen=True):
+    """The NATS publisher in a `status` frame (`serve --publish`; amountd.fleet)."""
+
+    state: str = ""
+    """connecting, live, down, reconciling or stopped."""
+    host: str = ""
+    urls: list[str] = []
+    backlog: int = 0
+    """Frames waiting: queued for it in the server plus sent and not yet acknowledged."""
+    published: int = 0
+    reconciles: int = 0
+    errors: int = 0
+    last_error: str | None = None
+
+
 class Status(msgspec.Struct, kw_only=True, frozen=True, tag="status", tag_field="type"):
     """A running server's state: its one answer to a `status` request (`amountd status`).
     Every field has a default, so a field added later still decodes in an older client."""
@@ -210,6 +226,7 @@ class Status(msgspec.Struct, kw_only=True, frozen=True, tag="status", tag_field=
     stalled: int = 0
     snapshot_cache_bytes: int = 0
     snapshot_cache_limit: int = 0
+    publisher: PublisherStatus | None = None
 
 
 Frame = Snapshot | Ready | Event | Resync | End | Error | Status

@@ -49,6 +49,7 @@ from .accept import resilient
 from .access import scope_request, tcp_peer_uid
 from .broker import Broker, Subscription
 from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
+from .config import PublishConfig
 from .errors import AmountdError, UsageError
 from .filter import Filter
 from .interrupt import rearm
@@ -133,6 +134,8 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """A subscriber that takes nothing for this long while frames wait is closed."""
     snapshot_cache: int = DEFAULT_SNAPSHOT_CACHE
     """Bytes of encoded snapshots kept for reuse."""
+    publish: PublishConfig | None = None
+    """`--publish`: every frame and the tables into NATS JetStream (amountd.fleet)."""
 
 
 def check_config(config: ServeConfig) -> None:
@@ -151,6 +154,10 @@ def check_config(config: ServeConfig) -> None:
         raise UsageError("--snapshot-cache must not be negative")
     if config.all_namespaces and (config.ns is not None or config.namespaces):
         raise UsageError("--ns and --all-namespaces exclude each other")
+    if config.publish is not None and config.publish.urls:
+        from .fleet.publisher import check_publish
+
+        check_publish(config.publish)
     if not 0 <= config.socket_mode <= 0o777:
         raise UsageError(f"bad socket mode {config.socket_mode:o}")
     if (config.tls_cert is None) != (config.tls_key is None):

@@ -123,6 +123,19 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
     )
+    p.add_argument(
+        "--publish",
+        metavar="URL",
+        action="append",
+        help="also publish every event and the tables to NATS JetStream at URL "
+        "(nats://HOST:PORT; again for a cluster; asyncio only); see [publish] in the settings",
+    )
+    p.add_argument(
+        "--host-id",
+        metavar="NAME",
+        help="this host's name in NATS subjects and keys (default: the machine ID's first "
+        "12 hex digits, else the host name; only [A-Za-z0-9_-] is kept)",
+    )
     from .service_cli import add_serve_flags, add_status_command
 
     add_serve_flags(p)  # --config, --metrics, --log-*; every settings flag defaults to None

@@ -40,13 +40,14 @@ from .config import Config, parse_hostport, reloadable
 from .errors import AmountdError
 from .filter import Filter, filter_event, filter_mounts
 from .logs import setup_logging
-from .metrics import Metrics, serve_metrics
+from .metrics import Counter, Gauge, Metrics, serve_metrics
 from .model import End, Event, Mount, NamespaceStatus, Resync, Status, SubscriberStatus
 from .protocol import ProtocolError, StatusRequest, encode_frame
 from .sources import Source
 from .table import MountTable, diff
 
 if TYPE_CHECKING:
+    from .fleet.publisher import Publisher
     from .server import ServeConfig, Server, _Listener
 
 __all__ = ["ServerMetrics", "Service", "serve_config"]
@@ -83,6 +84,7 @@ def serve_config(settings: Config) -> ServeConfig:
         max_connections_per_uid=settings.max_connections_per_uid,
         stall_timeout=settings.stall_timeout,
         snapshot_cache=settings.snapshot_cache,
+        publish=settings.publish if settings.publish.urls else None,
     )
 
 
@@ -109,6 +111,47 @@ class ServerMetrics(Metrics):
         self.refused_too_many.fn = lambda: server.too_many
         self.stalled.fn = lambda: server.stalls
         self.token_failures.fn = lambda: server.token_failures
+
+    def attach_publisher(self, publisher: Publisher) -> None:
+        """The NATS publisher's state, backlog and counts, read at scrape time."""
+        from .fleet.publisher import State
+
+        self.add(
+            Gauge(
+                "amountd_publisher_up",
+                "1 while the NATS publisher is live (connected and reconciled).",
+                fn=lambda: int(publisher.state is State.LIVE),
+            )
+        )
+        self.add(
+            Gauge(
+                "amountd_publisher_backlog",
+                "Frames the NATS publisher has not had acknowledged yet (queued or sent).",
+                fn=lambda: publisher.backlog,
+            )
+        )
+        self.add(
+            Counter(
+                "amountd_publisher_frames_total",
+                "Frames published to the AMOUNTD stream.",
+                fn=lambda: publisher.published,
+            )
+        )
+        self.add(
+            Counter(
+                "amountd_publisher_reconciles_total",
+                "Times the publisher made this host's keys equal its table (start, lag, "
+                "reconnect).",
+                fn=lambda: publisher.reconciles,
+            )
+        )
+        self.add(
+            Counter(
+                "amountd_publisher_errors_total",
+                "NATS failures seen by the publisher (each is followed by a reconcile).",
+                fn=lambda: publisher.errors,
+            )
+        )
 
     def render(self) -> bytes:
         if self.broker is not None:
@@ -149,6 +192,8 @@ class Service:
         self._stopping = False
         self._server: Server | None = None
         self._src: Source | None = None
+        self.nats: Publisher | None = None
+        """The NATS publisher (`--publish`; amountd.fleet), while serving."""
 
     # --- the hot path -------------------------------------------------------------------
 
@@ -297,11 +342,36 @@ class Service:
                 tg.start_soon(self._heartbeat, interval / 2, True)
             elif os.environ.get("NOTIFY_SOCKET"):
                 tg.start_soon(self._heartbeat, STATUS_EVERY, False)
+            publish = server.config.publish
+            if publish is not None and publish.urls:
+                from .fleet.publisher import Publisher
+
+                # Before the pump starts: the broker's seq is still the server's start.
+                self.nats = Publisher(
+                    publish,
+                    server.broker,
+                    started=server.broker.last_seq,
+                    subscribed=self.subscribed,
+                )
+                if self.metrics is not None:
+                    self.metrics.attach_publisher(self.nats)
+                tg.start_soon(self._publish, self.nats)
             try:
                 yield
             finally:
                 self.stopping(f"stopping: {server.stop_reason}")
+                if self.nats is not None:  # it publishes the server's `end`, if it can
+                    with anyio.move_on_after(server.config.drain_timeout, shield=True):
+                        await self.nats.finished.wait()
                 tg.cancel_scope.cancel()
+
+    @staticmethod
+    async def _publish(publisher: Publisher) -> None:
+        """The publisher's failure is logged, never the server's: NATS is optional."""
+        try:
+            await publisher.run()
+        except Exception:
+            log.exception("the NATS publisher failed; serving goes on without it")
 
     # --- SIGHUP -------------------------------------------------------------------------
 
@@ -429,6 +499,7 @@ class Service:
                 )
                 for st in sorted(stats.subscriber, key=lambda s: s.id)
             ],
+            publisher=self.nats.status() if self.nats is not None else None,
         )
 
     @staticmethod

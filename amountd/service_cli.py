@@ -152,6 +152,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def settings() -> Config:
         """The file (read afresh) with the flags on top: at start, and on SIGHUP."""
         config = merge(load_config(args.config), overrides)
+        if args.publish or args.host_id:  # --publish, --host-id: over [publish]
+            config = msgspec.structs.replace(
+                config,
+                publish=msgspec.structs.replace(
+                    config.publish,
+                    urls=args.publish or config.publish.urls,
+                    host_id=args.host_id or config.publish.host_id,
+                ),
+            )
         return config if tcp is None else msgspec.structs.replace(config, tcp=tcp)
 
     try:
@@ -160,6 +169,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Exit 2, like a bad flag: the daemon cannot run as configured, and retrying
         # will not help (a unit can say RestartPreventExitStatus=2).
         raise UsageError(str(e)) from None
+    if config.publish.urls and args.backend != "asyncio":
+        raise UsageError(
+            "--publish needs the asyncio backend (nats-py runs on asyncio only): "
+            "drop --backend trio"
+        )
     setup_logging(config.log_level, config.log_format)
     service = Service(config, reload=settings)
     run(lambda: serve(serve_config(config), service), args.backend)

@@ -143,4 +143,12 @@ def format_status(st: Status) -> str:
         ]
         header = ["ID", "PEER", "FORMAT", "QUEUED", "LAG", "DROPS", "DELIVERED", "FILTER"]
         lines += _table(header, rows, right={0, 3, 4, 5, 6})
+    pub = st.publisher
+    if pub is not None:
+        lines.append(
+            f"publisher:   {pub.state} as host {pub.host} to {', '.join(pub.urls)}; "
+            f"backlog {pub.backlog}; {pub.published} frames; "
+            f"{_plural(pub.reconciles, 'reconcile')}; {_plural(pub.errors, 'error')}"
+            + (f" (last: {pub.last_error})" if pub.last_error else "")
+        )
     return "\n".join(lines)

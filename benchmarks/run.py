@@ -21,6 +21,7 @@ from pathlib import Path
 from . import (  # noqa: F401  (they register themselves)
     cpu_per_change,
     fanout,
+    fleet,
     latency,
     memory,
     overflow,

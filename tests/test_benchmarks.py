@@ -52,7 +52,7 @@ def test_list_names_every_benchmark() -> None:
     res = _bench("--list")
     assert res.returncode == 0, res.stderr
     names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
-    assert names == ["cpu_per_change", "fanout", "latency", "memory", "overflow"]
+    assert names == ["cpu_per_change", "fanout", "fleet", "latency", "memory", "overflow"]
 
 
 def test_unknown_benchmark_is_a_usage_error() -> None:
@@ -118,7 +118,8 @@ def test_quick_prints_machine_and_tables(quick_results: tuple[Path, str]) -> Non
     assert "Mount-to-subscriber latency" in stdout
     assert "Fan-out" in stdout
     assert "Server memory" in stdout
-    for name in ("cpu_per_change", "fanout", "latency", "memory", "overflow"):
+    assert "NATS restart to reconciled keys" in stdout
+    for name in ("cpu_per_change", "fanout", "fleet", "latency", "memory", "overflow"):
         assert (out / f"{name}.txt").read_text(encoding="utf-8").startswith("machine: ")
         png = out / f"{name}.png"
         assert png.exists() or "plot skipped: matplotlib is missing" in stdout
@@ -347,3 +348,18 @@ def test_counters_count_frames_by_type_across_any_cut(cut: int) -> None:
         assert counter.kinds["ready"] == 1
         assert counter.kinds["resync"] == 1
         assert counter.kinds["snapshot"] == 1
+
+
+def test_quick_fleet_is_well_formed(quick_results: tuple[Path, str]) -> None:
+    doc = _load(quick_results[0], "fleet")
+    kinds = [r["kind"] for r in doc["records"]]
+    assert kinds == ["publish", "latency", "reconcile", "reconcile"]
+    pub, lat, kept, empty = doc["records"]
+    assert pub["events"] > 0 and _number(pub["events_per_s"])
+    assert lat["arrived"] == lat["changes"] and _number(lat["p50_us"]) and _number(lat["p99_us"])
+    assert (kept["case"], empty["case"]) == ("store kept", "empty store")
+    for r in (kept, empty):
+        assert _number(r["restart_to_reconciled_s"]) and _number(r["reconcile_s"])
+        assert r["mounts"] >= doc["params"]["size"]
+    assert kept["written"] == 0 and empty["written"] >= kept["keys_held"] > 0
+    assert set(doc["summary"]) == {"events_per_s", "fleet_p50_us", "fleet_p99_us", "reconcile_s"}

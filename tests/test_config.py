@@ -18,6 +18,7 @@ from amountd.config import (
     Config,
     ConfigError,
     FilterConfig,
+    PublishConfig,
     apply_live,
     load_config,
     merge,
@@ -194,10 +195,12 @@ def test_example_parses_as_it_is_and_is_all_defaults() -> None:
 def test_example_names_every_key_once_and_uncommented_it_is_valid() -> None:
     text = _example()
     top, _, flt = text.partition("\n[filter]\n")
+    flt, _, pub = flt.partition("\n[publish]\n")
     assert sorted(_ASSIGNMENT.findall(top)) == sorted(
-        k for k in Config.__struct_fields__ if k != "filter"
+        k for k in Config.__struct_fields__ if k not in ("filter", "publish")
     )
     assert sorted(_ASSIGNMENT.findall(flt)) == sorted(FilterConfig.__struct_fields__)
+    assert sorted(_ASSIGNMENT.findall(pub)) == sorted(PublishConfig.__struct_fields__)
     uncommented = _ASSIGNMENT.sub(lambda m: f"{m['key']} = ", text)
     c = parse_config(uncommented.encode(), "amountd.toml.example, uncommented")
     # The defaults shown are the defaults.
@@ -344,6 +347,7 @@ _VALUES: dict[str, Any] = {
     "log_level": "error",
     "log_format": "json",
     "filter": FilterConfig(under="/x"),
+    "publish": PublishConfig(urls=["nats://127.0.0.1:4222"]),
 }
 
 
@@ -386,3 +390,16 @@ def test_limits_have_their_defaults_and_are_checked() -> None:
     with pytest.raises(ConfigError, match="'stall_timeout'"):
         parse_config(b"stall_timeout = 0")
     assert parse_config(b"stall_timeout = 5\nsnapshot_cache = 0").stall_timeout == 5.0
+
+
+def test_publish_section_is_read_and_checked() -> None:
+    c = parse_config(b'[publish]\nurls = ["nats://a:4222", "nats://b:4222"]\nhost_id = "web-1"')
+    assert c.publish.urls == ["nats://a:4222", "nats://b:4222"]
+    assert c.publish.host_id == "web-1"
+    assert c.publish.backlog == 65536
+    with pytest.raises(ConfigError, match=r"unknown key 'publish.url'.*known keys: urls"):
+        parse_config(b'[publish]\nurl = "nats://a:4222"')
+    with pytest.raises(ConfigError, match=r"publish\.backlog"):
+        parse_config(b"[publish]\nbacklog = 0")
+    # Publishing needs a restart: a reload only logs it.
+    assert reloadable(Config(), c) == ([], ["publish"])
