@@ -42,6 +42,9 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     under: FsPath | None = None
     namespaces: list[int] | None = None
     pids: list[int] | None = None
+    containers: list[str] | None = None
+    """Namespaces by what runs in them (`--container`: an ID or pod UID prefix, or
+    RUNTIME:PREFIX); a server resolves them to `namespaces` like `pids`."""
 
     @functools.cached_property
     def is_empty(self) -> bool:
@@ -52,6 +55,7 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
             and self.under is None
             and self.namespaces is None
             and not self.pids
+            and not self.containers
         )
 
     @functools.cached_property
