@@ -95,7 +95,9 @@ def parse_cgroup(text: str) -> str | None:
 
 def container_of_cgroup(path: str | None) -> Container | None:
     """The container (or unit) a cgroup path names; None for the root cgroup."""
-    parts = [p for p in (path or "").split("/") if p]
+    if path is None:
+        return None
+    parts = [p for p in path.split("/") if p]
     if not parts:
         return None
     pod: str | None = None
