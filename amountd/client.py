@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -35,6 +36,7 @@ from .filter import Filter
 from .model import End, Error, Event, Frame, Resync, Snapshot
 from .protocol import Format, FrameReader, ProtocolError, SubscribeRequest, encode_request
 from .stream import FrameStream, lone_exception
+from .table import Follower
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -253,6 +255,7 @@ class _Client:
         ssl_context: ssl.SSLContext | None,
         retry_for: float | None,
         out: ClientStream,
+        follower: Follower | None = None,
     ) -> None:
         self.url = url
         self.ep = ep
@@ -262,6 +265,7 @@ class _Client:
         self.ssl_context = ssl_context
         self.retry_for = retry_for
         self.out = out
+        self.follower = follower
         self.stopping: End | None = None
         """The `end` of a server that said it was stopping, until another one answers:
         if none does, it ends the stream."""
@@ -317,11 +321,20 @@ class _Client:
                     reader = FrameReader(_answer_format(self.request.format, data))
                     self.stopping = None  # a server answers
                     self.down_since = None
-                for frame in reader.feed(data):
+                for got in reader.feed(data):
+                    frame = got
                     if isinstance(frame, (Event, Resync)):
                         out.last_seq = frame.seq
+                        if self.follower is not None and isinstance(frame, Event):
+                            self.follower.feed(frame, 0.0)
                     elif isinstance(frame, Snapshot):
                         out.last_seq = frame.seq
+                        if self.follower is not None:
+                            fresh = self.follower.feed(frame, time.time())
+                            if fresh != [frame]:  # the difference from what we held
+                                for ev in fresh:
+                                    await send.send(ev)
+                                continue
                         if self.hide_snapshot:
                             # Asked for only to learn where to resume from.
                             self.hide_snapshot = False
@@ -405,6 +418,7 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
     buffer: int = 1024,
     retry_for: float | None = 60.0,
+    keep_table: bool = False,
 ) -> AsyncIterator[ClientStream]:
     """Subscribe to an `amountd serve` at `url` (`unix:/path`, `tcp://host:port`,
     `tls://host:port`).
@@ -421,7 +435,7 @@ async def connect(
         raise UsageError(f"format must be 'json' or 'msgpack', not {format!r}")
     # With reconnect and no seq to start from, ask for a snapshot just to learn the seq
     # the subscription starts at (the consumer does not see it): resuming needs one.
-    hide = reconnect and not snapshot and since is None
+    hide = (reconnect or keep_table) and not snapshot and since is None
     req = SubscribeRequest(
         format=format,
         snapshot=snapshot or hide,
@@ -442,6 +456,7 @@ async def connect(
         ssl_context=ssl_context,
         retry_for=retry_for,
         out=stream,
+        follower=Follower() if keep_table else None,
     )
     with lone_exception():  # the reader task hands its failure to the stream
         async with receive, anyio.create_task_group() as tg:

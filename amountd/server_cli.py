@@ -257,6 +257,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
             reconnect=args.reconnect,
             token=token,
             ssl_context=ssl_context,
+            keep_table=True,  # after a resync: what changed, not the whole table
         ) as frames:
             await print_frames(frames, out, args.count)
 
