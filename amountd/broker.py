@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from .container import Container
 from .filter import Filter, filter_event, filter_mounts
 from .model import (
     End,
@@ -357,6 +358,7 @@ class Broker:
         ns_id: int | None = None,
         source: str = "unknown",
         reason: str | None = None,
+        container: Container | None = None,
     ) -> None:
         if queue < 1:
             raise ValueError("queue must hold at least one frame")
@@ -364,6 +366,8 @@ class Broker:
             raise ValueError("ring must not be negative")
         self.queue_limit = queue
         self.ns_id = ns_id
+        self.container = container
+        """What runs in namespace `ns_id` (given to `ready` and `snapshot`)."""
         self._table = table
         self._ring: deque[_Item] = deque(maxlen=ring)
         self._seq = 0
@@ -552,7 +556,9 @@ class Broker:
     def _ready_bytes(self, fmt: Format) -> bytes:
         b = self._ready.get(fmt)
         if b is None:
-            frame = Ready(source=self._source, ns_id=self.ns_id, reason=self._reason)
+            frame = Ready(
+                source=self._source, ns_id=self.ns_id, reason=self._reason, container=self.container
+            )
             b = self._ready[fmt] = _Item(frame, 0).encoded(fmt)
         return b
 
@@ -566,7 +572,8 @@ class Broker:
         mounts = list(self._table())
         if not group.empty:
             mounts = filter_mounts(group.filter, mounts)
-        b = _Item(Snapshot(seq=seq, ns_id=self.ns_id, mounts=mounts), seq).encoded(fmt)
+        snap = Snapshot(seq=seq, ns_id=self.ns_id, mounts=mounts, container=self.container)
+        b = _Item(snap, seq).encoded(fmt)
         if len(self._snapshots) > 64:
             self._snapshots = {k: v for k, v in self._snapshots.items() if v[0] == seq}
         self._snapshots[cache_key] = (seq, b)

@@ -230,8 +230,8 @@ class Output:
         self._encode = encode_json  # bound here: a frame's path is the hot path
         self._render: Any = None
         if not json:
+            from .cgroups import ContainerLookup
             from .columns import DEFAULT_WATCH, View
-            from .container import ContainerLookup
             from .render import Renderer
 
             if view is None:
@@ -270,8 +270,9 @@ class Output:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from .cgroups import container_of_pid
     from .columns import DEFAULT_LIST
-    from .container import Container, cgroup_path, container_of_cgroup
+    from .container import Container
     from .filter import filter_mounts
     from .model import Snapshot, encode_json
     from .ns import all_namespaces, resolve_ns
@@ -295,13 +296,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
             continue  # it ended while we listed, or we may not read it
         if not flt.is_empty:
             mounts = filter_mounts(flt, mounts)
-        container = container_of_cgroup(cgroup_path(ns.pid)) if ns.pid is not None else None
+        container = container_of_pid(ns.pid)
         if args.json:
-            snap = Snapshot(seq=0, ns_id=ns.ns_id, mounts=mounts)
-            if container is not None and "container" in Snapshot.__struct_fields__:
-                import msgspec
-
-                snap = msgspec.structs.replace(snap, container=container)
+            snap = Snapshot(seq=0, ns_id=ns.ns_id, mounts=mounts, container=container)
             out.write(encode_json(snap) + b"\n")
             continue
         if args.all_namespaces and not args.noheadings and not args.pairs and not args.raw:

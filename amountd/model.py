@@ -14,9 +14,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from .container import Container
+
 __all__ = [
     "ACTIONS",
     "Action",
+    "Container",
     "End",
     "Error",
     "Event",
@@ -117,12 +120,15 @@ class Snapshot(msgspec.Struct, kw_only=True, tag="snapshot", tag_field="type"):
     seq: int
     ns_id: int | None
     mounts: list[Mount]
+    container: Container | None = None
+    """What runs in namespace `ns_id` (from a process's cgroup), where known."""
 
 
 class Ready(msgspec.Struct, kw_only=True, tag="ready", tag_field="type"):
     source: str
     ns_id: int | None
     reason: str | None = None
+    container: Container | None = None
 
 
 class Event(msgspec.Struct, kw_only=True, tag="event", tag_field="type"):
@@ -141,12 +147,14 @@ class Resync(msgspec.Struct, kw_only=True, tag="resync", tag_field="type", omit_
     reason: str
     ns_id: int | None = None
     """The one namespace this concerns, from a server watching several (else None)."""
+    container: Container | None = None
 
 
 class End(msgspec.Struct, kw_only=True, tag="end", tag_field="type", omit_defaults=True):
     reason: str
     ns_id: int | None = None
     """Set when one namespace of several ended (the stream goes on); None: the stream ends."""
+    container: Container | None = None
 
 
 class Error(msgspec.Struct, kw_only=True, tag="error", tag_field="type"):
@@ -159,6 +167,7 @@ class NamespaceStatus(msgspec.Struct, kw_only=True):
 
     ns_id: int | None = None
     mounts: int = 0
+    container: Container | None = None
 
 
 class SubscriberStatus(msgspec.Struct, kw_only=True):

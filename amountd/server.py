@@ -44,10 +44,11 @@ from anyio.streams.tls import TLSListener
 
 from .access import scope_request
 from .broker import Broker, Subscription
+from .cgroups import ContainerLookup, container_of_pid
 from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
 from .errors import AmountdError, UsageError
 from .filter import Filter
-from .model import End, Event
+from .model import End, Event, Resync
 from .protocol import (
     ProtocolError,
     Request,
@@ -352,13 +353,23 @@ class Server:
         stamp = self.service.stamp
         table = self.table
         step = self.slice
+        containers = ContainerLookup()  # what runs in each namespace, for resync/end
+        for ns in getattr(src, "namespaces", [src.ns]):
+            containers.hint(ns.ns_id, ns.pid)
+            if ns.ns_id is not None:
+                containers(ns.ns_id)
         try:
             async with aclosing(src.changes()) as batches:
                 async for batch in batches:
                     stamp()
-                    for i, frame in enumerate(batch, 1):
+                    for i, item in enumerate(batch, 1):
+                        frame = item
                         if type(frame) is Event:
                             apply(table, frame)
+                        elif isinstance(frame, (Resync, End)) and frame.ns_id is not None:
+                            frame = msgspec.structs.replace(
+                                frame, container=containers(frame.ns_id)
+                            )
                         publish(frame)
                         if isinstance(frame, End) and frame.ns_id is None:  # else: one of several
                             log.info("the namespace ended (%s): stopping", frame.reason)
@@ -690,6 +701,7 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
             ns_id=src.ns_id,
             source=source_label(src),
             reason=src.reason,
+            container=container_of_pid(src.ns.pid),  # one namespace (else ns is nowhere)
         )
         # Numbers from this run start above every earlier run's (see the module doc).
         # The broker has no parameter for it yet; nothing is published or subscribed.
