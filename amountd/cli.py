@@ -164,7 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("list", parents=[common], help="print the mount table once")
+    p = sub.add_parser(
+        "list",
+        parents=[common],
+        help="print the mount table once",
+        description="Print a mount namespace's table once, as findmnt does: columns "
+        'chosen with -o, a tree with --tree, raw or KEY="value" output, or one JSON '
+        "snapshot frame. With --all-namespaces, every mount namespace on the host, each "
+        "with what runs in it (the container, from a process's cgroup).",
+    )
     p.add_argument("--json", action="store_true", help="one snapshot frame as JSON")
     _add_ns(p)
     p.add_argument(
@@ -177,7 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_flags(p, tree=True)
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("watch", parents=[common], help="print mount changes as they happen")
+    p = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="print mount changes as they happen",
+        description="Print each change to a mount namespace's table as it happens "
+        "(mount, umount, move, remount, propagation), one line each, flushed at once: "
+        "fanotify mount events (Linux 6.15+), else mountinfo polling.",
+    )
     p.add_argument("--json", action="store_true", help="one JSON frame per line")
     _add_source(p)
     _add_ns(p)
