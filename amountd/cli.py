@@ -86,16 +86,37 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+COLUMN_NAMES = [
+    "ACTION",
+    "TARGET",
+    "SOURCE",
+    "FSTYPE",
+    "OPTIONS",
+    "VFS-OPTIONS",
+    "FS-OPTIONS",
+    "PROPAGATION",
+    "ID",
+    "UNIQ-ID",
+    "PARENT",
+    "OLD-TARGET",
+    "OLD-OPTIONS",
+    "NS",
+    "PID",
+    "COMM",
+    "TIME",
+    "CONTAINER",
+]
+"""amountd.columns.COLUMNS's names, here so that --help does not import msgspec."""
+
+
 def add_output_flags(p: argparse.ArgumentParser, *, tree: bool = False) -> None:
     """findmnt's output flags: -o/--output, -n, -r, -P (and list's --tree)."""
-    from .columns import COLUMNS
-
     p.add_argument(
         "-o",
         "--output",
         metavar="LIST",
         help="columns to print, comma-separated; +LIST adds to the default. Columns: "
-        + ", ".join(COLUMNS),
+        + ", ".join(COLUMN_NAMES),
     )
     p.add_argument("-n", "--noheadings", action="store_true", help="do not print a header line")
     style = p.add_mutually_exclusive_group()

@@ -155,3 +155,10 @@ def test_tree_like_findmnt() -> None:
     ]
     lines = list_lines(View(("TARGET", "ID")), mounts, tree=True)
     assert lines[0].split() == ["TARGET", "ID"] and lines[3].startswith("│ ├─/dev/pts ")
+
+
+def test_help_names_every_column() -> None:
+    from amountd.cli import COLUMN_NAMES
+    from amountd.columns import COLUMNS
+
+    assert list(COLUMNS) == COLUMN_NAMES
