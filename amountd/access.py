@@ -86,7 +86,12 @@ def own_namespaces(uid: int, procs: Iterable[ProcNs]) -> frozenset[int]:
 
 
 def scope_filter(
-    f: Filter, allowed: frozenset[int] | None, pid_ns: Mapping[int, int | None], *, who: str = ""
+    f: Filter,
+    allowed: frozenset[int] | None,
+    pid_ns: Mapping[int, int | None],
+    *,
+    who: str = "",
+    container_ns: Mapping[str, Iterable[int]] | None = None,
 ) -> Filter:
     """The subscriber's filter with its namespaces settled: `pids` resolved (through
     `pid_ns`), narrowed to `allowed` (None: everything). Raises ProtocolError
@@ -102,6 +107,17 @@ def scope_filter(
                     "bad-request", f"no process with PID {pid} (in 'pids'), or it has no namespace"
                 )
             wanted.add(ns)
+    if f.containers:
+        wanted = wanted if wanted is not None else set()
+        for spec in f.containers:
+            found = set((container_ns or {}).get(spec, ()))
+            if not found:
+                raise ProtocolError(
+                    "bad-request",
+                    f"no running container matches {spec!r} (in 'containers'): give an ID, "
+                    "a prefix, a pod UID, or RUNTIME:PREFIX",
+                )
+            wanted |= found
     if allowed is not None:
         if wanted is None:
             wanted = set(allowed)
@@ -115,9 +131,9 @@ def scope_filter(
                 f"are in ({who or 'you'})",
             )
     spaces = None if wanted is None else sorted(wanted)
-    if spaces == f.namespaces and not f.pids:
+    if spaces == f.namespaces and not f.pids and not f.containers:
         return f
-    return msgspec.structs.replace(f, namespaces=spaces, pids=None)
+    return msgspec.structs.replace(f, namespaces=spaces, pids=None, containers=None)
 
 
 def _hex_addr(ip: str) -> tuple[str, ...]:
@@ -242,6 +258,38 @@ def resolve_pids(pids: Iterable[int]) -> dict[int, int | None]:
     return {pid: _ns_id_of(f"/proc/{pid}/ns/mnt") if pid > 0 else None for pid in pids}
 
 
+def resolve_containers(specs: Iterable[str]) -> dict[str, set[int]]:
+    """Each `containers` spec -> the mount namespaces of the processes whose cgroup
+    names a matching container (one /proc scan, reading each process's cgroup)."""
+    from .cgroups import container_of_pid
+
+    specs = list(specs)
+    out: dict[str, set[int]] = {s: set() for s in specs}
+    by_inode: dict[tuple[int, int], int | None] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        c = container_of_pid(int(name))
+        if c is None:
+            continue
+        matched = [s for s in specs if c.matches(s)]
+        if not matched:
+            continue
+        path = f"/proc/{name}/ns/mnt"
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key not in by_inode:
+            by_inode[key] = _ns_id_of(path)
+        ns_id = by_inode[key]
+        if ns_id is not None:
+            for s in matched:
+                out[s].add(ns_id)
+    return out
+
+
 def scope_request(
     req: SubscribeRequest,
     sock: socket.socket | None,
@@ -273,8 +321,9 @@ def scope_request(
             who = f"uid {peer.uid}"
             allowed = own_namespaces(peer.uid, process_namespaces(peer.uid))
     f = req.filter
-    if allowed is None and not f.pids:
+    if allowed is None and not f.pids and not f.containers:
         return req
     pid_ns = resolve_pids(f.pids) if f.pids else {}
-    scoped = scope_filter(f, allowed, pid_ns, who=who)
+    container_ns = resolve_containers(f.containers) if f.containers else None
+    scoped = scope_filter(f, allowed, pid_ns, who=who, container_ns=container_ns)
     return req if scoped is f else msgspec.structs.replace(req, filter=scoped)

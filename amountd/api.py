@@ -9,6 +9,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from msgspec.structs import replace
 
+from .cgroups import container_of_pid
 from .filter import Filter, filter_event, filter_mounts
 from .model import End, Event, Frame, Mount, Ready, Resync, Snapshot
 from .ns import Namespace, resolve_ns
@@ -27,9 +28,14 @@ async def frames_of(
     if snapshot:
         mounts = src.table.mounts()
         yield Snapshot(
-            seq=seq, ns_id=src.ns_id, mounts=filter_mounts(flt, mounts) if flt else mounts
+            seq=seq,
+            ns_id=src.ns_id,
+            mounts=filter_mounts(flt, mounts) if flt else mounts,
+            container=container_of_pid(src.ns.pid),
         )
-    yield Ready(source=src.kind, ns_id=src.ns_id, reason=src.reason)
+    yield Ready(
+        source=src.kind, ns_id=src.ns_id, reason=src.reason, container=container_of_pid(src.ns.pid)
+    )
     async with aclosing(src.changes()) as batches:
         async for batch in batches:
             for frame in batch:

@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from .container import Container
 from .filter import Filter, filter_event, filter_mounts
 from .model import (
     End,
@@ -553,6 +554,7 @@ class Broker:
         reason: str | None = None,
         snapshot_cache: int = DEFAULT_SNAPSHOT_CACHE,
         seq: int = 0,
+        container: Container | None = None,
     ) -> None:
         if queue < 1:
             raise ValueError("queue must hold at least one frame")
@@ -562,6 +564,8 @@ class Broker:
             raise ValueError("seq must not be negative")
         self.queue_limit = queue
         self.ns_id = ns_id
+        self.container = container
+        """What runs in namespace `ns_id` (given to `ready` and `snapshot`)."""
         self._table = table
         self._ring: deque[_Item] = deque(maxlen=ring)
         self._seq = seq
@@ -738,7 +742,9 @@ class Broker:
         """The `ready` frame, encoded once per format."""
         b = self._ready.get(fmt)
         if b is None:
-            frame = Ready(source=self._source, ns_id=self.ns_id, reason=self._reason)
+            frame = Ready(
+                source=self._source, ns_id=self.ns_id, reason=self._reason, container=self.container
+            )
             b = self._ready[fmt] = _Item(frame, 0).encoded(fmt)
         return b
 
@@ -756,7 +762,8 @@ class Broker:
         mounts = list(self._table())
         if not group.empty:
             mounts = filter_mounts(group.filter, mounts)
-        b = _Item(Snapshot(seq=seq, ns_id=self.ns_id, mounts=mounts), seq).encoded(fmt)
+        snap = Snapshot(seq=seq, ns_id=self.ns_id, mounts=mounts, container=self.container)
+        b = _Item(snap, seq).encoded(fmt)
         self._snapshots.put(cache_key, seq, b)
         return b
 

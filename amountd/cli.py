@@ -94,6 +94,91 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+COLUMN_NAMES = [
+    "ACTION",
+    "TARGET",
+    "SOURCE",
+    "FSTYPE",
+    "OPTIONS",
+    "VFS-OPTIONS",
+    "FS-OPTIONS",
+    "PROPAGATION",
+    "ID",
+    "UNIQ-ID",
+    "PARENT",
+    "OLD-TARGET",
+    "OLD-OPTIONS",
+    "NS",
+    "PID",
+    "COMM",
+    "TIME",
+    "CONTAINER",
+]
+"""amountd.columns.COLUMNS's names, here so that --help does not import msgspec."""
+
+
+def add_output_flags(p: argparse.ArgumentParser, *, tree: bool = False) -> None:
+    """findmnt's output flags: -o/--output, -n, -r, -P (and list's --tree)."""
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="LIST",
+        help="columns to print, comma-separated; +LIST adds to the default. Columns: "
+        + ", ".join(COLUMN_NAMES),
+    )
+    p.add_argument("-n", "--noheadings", action="store_true", help="do not print a header line")
+    style = p.add_mutually_exclusive_group()
+    style.add_argument(
+        "-r",
+        "--raw",
+        action="store_true",
+        help="raw output: one space between cells, blanks and backslashes escaped as \\xNN",
+    )
+    style.add_argument(
+        "-P", "--pairs", action="store_true", help='KEY="value" pairs, quoted for a shell'
+    )
+    if tree:
+        p.add_argument(
+            "--tree", action="store_true", help="the mounts as a tree, as findmnt shows them"
+        )
+
+
+def make_view(args: argparse.Namespace, default: Sequence[str], stream: Any = None) -> Any:
+    """The columns and style asked for, fitted to stdout if it is a terminal."""
+    from .columns import Style, View, parse_columns
+
+    try:
+        columns = parse_columns(getattr(args, "output", None), default)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    style = (
+        Style.PAIRS
+        if getattr(args, "pairs", False)
+        else Style.RAW
+        if getattr(args, "raw", False)
+        else Style.TABLE
+    )
+    out = stream if stream is not None else sys.stdout
+    width: int | None = None
+    tty = False
+    try:
+        tty = out.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if tty:
+        import shutil
+
+        width = shutil.get_terminal_size().columns
+    return View(
+        columns,
+        style=style,
+        headings=not getattr(args, "noheadings", False),
+        width=width if style is Style.TABLE else None,
+        color=tty and not os.environ.get("NO_COLOR"),
+        with_notes=getattr(args, "output", None) is None,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     top = _Parser(add_help=False)
     _add_common(top)
@@ -110,7 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("list", parents=[common], help="print the mount table once")
+    p = sub.add_parser(
+        "list",
+        parents=[common],
+        help="print the mount table once",
+        description="Print a mount namespace's table once, as findmnt does: columns "
+        'chosen with -o, a tree with --tree, raw or KEY="value" output, or one JSON '
+        "snapshot frame. With --all-namespaces, every mount namespace on the host, each "
+        "with what runs in it (the container, from a process's cgroup).",
+    )
     p.add_argument("--json", action="store_true", help="one snapshot frame as JSON")
     _add_ns(p)
     p.add_argument(
@@ -120,9 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_filters(p, actions=False)
     _add_source(p)
+    add_output_flags(p, tree=True)
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("watch", parents=[common], help="print mount changes as they happen")
+    p = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="print mount changes as they happen",
+        description="Print each change to a mount namespace's table as it happens "
+        "(mount, umount, move, remount, propagation), one line each, flushed at once: "
+        "fanotify mount events (Linux 6.15+), else mountinfo polling.",
+    )
     p.add_argument("--json", action="store_true", help="one JSON frame per line")
     _add_source(p)
     _add_ns(p)
@@ -135,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
     )
+    add_output_flags(p)
     p.set_defaults(func=_cmd_watch)
 
     from .server_cli import add_commands
@@ -177,39 +279,45 @@ def _filter(args: argparse.Namespace) -> Any:
 class Output:
     """Frames to stdout, one line each, flushed at once (a pipe reader sees them live)."""
 
-    def __init__(self, json: bool, stream: IO[bytes] | None = None) -> None:
+    def __init__(self, json: bool, stream: IO[bytes] | None = None, view: Any = None) -> None:
         from .model import encode_json
 
         self.json = json
         self.stream = stream if stream is not None else sys.stdout.buffer
         self._header = False
         self._encode = encode_json  # bound here: a frame's path is the hot path
+        self._render: Any = None
+        if not json:
+            from .cgroups import ContainerLookup
+            from .columns import DEFAULT_WATCH, View
+            from .render import Renderer
+
+            if view is None:
+                view = View(DEFAULT_WATCH, with_notes=True)
+            lookup = ContainerLookup() if "CONTAINER" in view.columns else None
+            self._render = Renderer(view, lookup)
 
     def _write(self, data: bytes) -> None:
         self.stream.write(data)
         self.stream.flush()
 
     def header(self) -> None:
-        from .render import HEADER
-
         if not self.json and not self._header:
             self._header = True
-            self._write(HEADER.encode() + b"\n")
+            line = self._render.header()
+            if line is not None:
+                self._write(line.encode("utf-8", "surrogateescape") + b"\n")
 
     def frame(self, frame: Any) -> None:
         if self.json:
             self._write(self._encode(frame) + b"\n")
             return
-        from .model import End, Event, Ready, Resync, Snapshot
-        from .render import event_line, mount_line
+        from .model import End, Ready, Resync
 
         self.header()
-        if isinstance(frame, Event):
-            self._write(event_line(frame).encode("utf-8", "surrogateescape") + b"\n")
-        elif isinstance(frame, Snapshot):
-            rows = [mount_line(m, "present") for m in frame.mounts]
-            if rows:
-                self._write("\n".join(rows).encode("utf-8", "surrogateescape") + b"\n")
+        rows = self._render.lines(frame)
+        if rows:
+            self._write("\n".join(rows).encode("utf-8", "surrogateescape") + b"\n")
         elif isinstance(frame, Ready):
             if frame.reason:
                 print(f"amountd: {frame.reason}", file=sys.stderr, flush=True)
@@ -220,15 +328,19 @@ class Output:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from .cgroups import container_of_pid
+    from .columns import DEFAULT_LIST
+    from .container import Container
     from .filter import filter_mounts
     from .model import Snapshot, encode_json
     from .ns import all_namespaces, resolve_ns
-    from .render import LIST_HEADER, mount_line
+    from .render import list_lines
     from .sources import read_table
 
     if args.all_namespaces and args.ns:
         raise UsageError("--ns and --all-namespaces exclude each other")
     flt = _filter(args)
+    view = None if args.json else make_view(args, DEFAULT_LIST)
     spaces = all_namespaces() if args.all_namespaces else [resolve_ns(args.ns)]
     out = sys.stdout.buffer
     lines: list[str] = []
@@ -242,13 +354,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
             continue  # it ended while we listed, or we may not read it
         if not flt.is_empty:
             mounts = filter_mounts(flt, mounts)
+        container = container_of_pid(ns.pid)
         if args.json:
-            out.write(encode_json(Snapshot(seq=0, ns_id=ns.ns_id, mounts=mounts)) + b"\n")
+            snap = Snapshot(seq=0, ns_id=ns.ns_id, mounts=mounts, container=container)
+            out.write(encode_json(snap) + b"\n")
             continue
-        if args.all_namespaces:
-            lines.append(f"# mount namespace {ns.ns_id} ({ns.label}): {len(mounts)} mounts")
-        lines.append(LIST_HEADER)
-        lines.extend(mount_line(m) for m in mounts)
+        if args.all_namespaces and not args.noheadings and not args.pairs and not args.raw:
+            what = f", {container.short}" if container is not None else ""
+            lines.append(f"# mount namespace {ns.ns_id} ({ns.label}{what}): {len(mounts)} mounts")
+        assert view is not None
+
+        def container_of(_ns_id: int, c: Container | None = container) -> Container | None:
+            return c
+
+        lines.extend(list_lines(view, mounts, tree=args.tree, container_of=container_of))
     if lines:
         out.write("\n".join(lines).encode("utf-8", "surrogateescape") + b"\n")
     out.flush()
@@ -284,11 +403,12 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     from contextlib import aclosing
 
     from .api import frames_of
+    from .columns import DEFAULT_WATCH
     from .ns import resolve_ns
     from .sources import open_source
 
     flt = _filter(args)
-    out = Output(args.json)
+    out = Output(args.json, view=None if args.json else make_view(args, DEFAULT_WATCH))
 
     async def body() -> None:
         # The source's frames printed by this one task: no second task and channel

@@ -22,6 +22,7 @@ import os
 import random
 import ssl
 import stat
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -39,6 +40,7 @@ from .model import End, Error, Event, Frame, Resync, Snapshot
 from .protocol import Format, FrameReader, ProtocolError, SubscribeRequest, encode_request
 from .sockdir import peer_problem, server_uid_of
 from .stream import FrameStream, lone_exception
+from .table import Follower
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -293,6 +295,7 @@ class _Client:
         retry_for: float | None,
         out: ClientStream,
         server_uid: int | None = None,
+        follower: Follower | None = None,
     ) -> None:
         self.url = url
         self.ep = ep
@@ -303,6 +306,7 @@ class _Client:
         self.retry_for = retry_for
         self.server_uid = server_uid
         self.out = out
+        self.follower = follower
         self.stopping: End | None = None
         """The `end` of a server that said it was stopping, until another one answers:
         if none does, it ends the stream."""
@@ -358,11 +362,20 @@ class _Client:
                     reader = FrameReader(_answer_format(self.request.format, data))
                     self.stopping = None  # a server answers
                     self.down_since = None
-                for frame in reader.feed(data):
+                for got in reader.feed(data):
+                    frame = got
                     if isinstance(frame, (Event, Resync)):
                         out.last_seq = frame.seq
+                        if self.follower is not None and isinstance(frame, Event):
+                            self.follower.feed(frame, 0.0)
                     elif isinstance(frame, Snapshot):
                         out.last_seq = frame.seq
+                        if self.follower is not None:
+                            fresh = self.follower.feed(frame, time.time())
+                            if fresh != [frame]:  # the difference from what we held
+                                for ev in fresh:
+                                    await send.send(ev)
+                                continue
                         if self.hide_snapshot:
                             # Asked for only to learn where to resume from.
                             self.hide_snapshot = False
@@ -449,6 +462,7 @@ async def connect(
     buffer: int = 1024,
     retry_for: float | None = 60.0,
     server_uid: int | None = None,
+    keep_table: bool = False,
 ) -> AsyncIterator[ClientStream]:
     """Subscribe to an `amountd serve` at `url` (`unix:/path`, `tcp://host:port`,
     `tls://host:port`).
@@ -469,7 +483,7 @@ async def connect(
         raise UsageError(f"format must be 'json' or 'msgpack', not {format!r}")
     # With reconnect and no seq to start from, ask for a snapshot just to learn the seq
     # the subscription starts at (the consumer does not see it): resuming needs one.
-    hide = reconnect and not snapshot and since is None
+    hide = (reconnect or keep_table) and not snapshot and since is None
     req = SubscribeRequest(
         format=format,
         snapshot=snapshot or hide,
@@ -491,6 +505,7 @@ async def connect(
         retry_for=retry_for,
         out=stream,
         server_uid=server_uid,
+        follower=Follower() if keep_table else None,
     )
     with lone_exception():  # the reader task hands its failure to the stream
         async with receive, anyio.create_task_group() as tg:

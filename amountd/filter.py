@@ -132,6 +132,9 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     under: FsPath | None = None
     namespaces: list[int] | None = None
     pids: list[int] | None = None
+    containers: list[str] | None = None
+    """Namespaces by what runs in them (`--container`: an ID or pod UID prefix, or
+    RUNTIME:PREFIX); a server resolves them to `namespaces` like `pids`."""
 
     def __post_init__(self) -> None:
         # On construction and on decoding alike (msgspec calls it for both).
@@ -146,6 +149,7 @@ class Filter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
             and self.under is None
             and self.namespaces is None
             and not self.pids
+            and not self.containers
         )
 
     @functools.cached_property

@@ -18,9 +18,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from .container import Container
+
 __all__ = [
     "ACTIONS",
     "Action",
+    "Container",
     "End",
     "Error",
     "Event",
@@ -122,12 +125,15 @@ class Snapshot(msgspec.Struct, kw_only=True, frozen=True, tag="snapshot", tag_fi
     seq: int
     ns_id: int | None
     mounts: list[Mount]
+    container: Container | None = None
+    """What runs in namespace `ns_id` (from a process's cgroup), where known."""
 
 
 class Ready(msgspec.Struct, kw_only=True, frozen=True, tag="ready", tag_field="type"):
     source: str
     ns_id: int | None
     reason: str | None = None
+    container: Container | None = None
 
 
 class Event(msgspec.Struct, kw_only=True, frozen=True, tag="event", tag_field="type"):
@@ -148,6 +154,7 @@ class Resync(
     reason: str
     ns_id: int | None = None
     """The one namespace this concerns, from a server watching several (else None)."""
+    container: Container | None = None
 
 
 class End(
@@ -156,6 +163,7 @@ class End(
     reason: str
     ns_id: int | None = None
     """Set when one namespace of several ended (the stream goes on); None: the stream ends."""
+    container: Container | None = None
 
 
 class Error(msgspec.Struct, kw_only=True, frozen=True, tag="error", tag_field="type"):
@@ -168,6 +176,7 @@ class NamespaceStatus(msgspec.Struct, kw_only=True, frozen=True):
 
     ns_id: int | None = None
     mounts: int = 0
+    container: Container | None = None
 
 
 class SubscriberStatus(msgspec.Struct, kw_only=True, frozen=True):

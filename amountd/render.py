@@ -1,80 +1,181 @@
-"""Pure: frames as findmnt-like text lines for people (JSON lines live in model)."""
+"""Pure: frames as findmnt-like text lines for people (JSON lines live in model).
+
+The columns, their contents and the escaping are amountd.columns; this module turns
+frames into rows: an event is one row, a snapshot's mounts are `present` rows, and a
+list is a table (or findmnt's tree)."""
 
 from __future__ import annotations
 
-from .model import Event, Mount
+from collections.abc import Sequence
 
-__all__ = ["HEADER", "LIST_HEADER", "event_line", "human_path", "mount_line"]
-
-_W_ACTION = 11
-_W_TARGET = 30
-_W_SOURCE = 14
-_W_FSTYPE = 10
-
-HEADER = (
-    f"{'ACTION':<{_W_ACTION}} {'TARGET':<{_W_TARGET}} {'SOURCE':<{_W_SOURCE}} "
-    f"{'FSTYPE':<{_W_FSTYPE}} OPTIONS"
+from .columns import (
+    COLUMNS,
+    DEFAULT_LIST,
+    DEFAULT_WATCH,
+    ContainerOf,
+    Style,
+    View,
+    cells,
+    escape_pairs,
+    escape_raw,
+    escape_table,
+    notes,
+    tree_prefixes,
 )
-LIST_HEADER = f"{'TARGET':<{_W_TARGET}} {'SOURCE':<{_W_SOURCE}} {'FSTYPE':<{_W_FSTYPE}} OPTIONS"
+from .container import Container
+from .model import End, Event, Mount, Ready, Resync, Snapshot
+from .table import MountTable, parent_key
+
+__all__ = [
+    "HEADER",
+    "LIST_HEADER",
+    "Renderer",
+    "event_line",
+    "human_path",
+    "list_lines",
+    "mount_line",
+    "tree_order",
+]
+
+_PLAIN_WATCH = View(DEFAULT_WATCH, with_notes=True)
+_PLAIN_LIST = View(DEFAULT_LIST)
+HEADER = _PLAIN_WATCH.header_line() or ""
+LIST_HEADER = _PLAIN_LIST.header_line() or ""
 
 
 def human_path(path: str | None) -> str:
-    """One cell: never breaks the line, keeps the bytes recoverable (findmnt's \\xNN)."""
-    if path is None:
-        return "-"
-    if path.isprintable() and " " not in path and "\\" not in path:
-        return path
-    out = []
-    for ch in path:
-        if ch.isprintable() and ch not in " \\" and not ("\udc80" <= ch <= "\udcff"):
-            out.append(ch)
+    """One cell as findmnt writes it: as it is, escaping only what breaks the line."""
+    return "-" if path is None else escape_table(path)
+
+
+class Renderer:
+    """Frames -> lines for one view; remembers what frames said about containers
+    (`ready`/`snapshot` carry them) and asks `container_of` for the rest."""
+
+    def __init__(self, view: View, container_of: ContainerOf | None = None) -> None:
+        self.view = view
+        self._lookup = container_of
+        self._known: dict[int, Container | None] = {}
+
+    def container(self, ns_id: int) -> Container | None:
+        if ns_id in self._known:
+            return self._known[ns_id]
+        c = self._lookup(ns_id) if self._lookup is not None else None
+        self._known[ns_id] = c
+        return c
+
+    def learn(self, ns_id: int | None, container: Container | None) -> None:
+        if ns_id is not None and container is not None:
+            self._known[ns_id] = container
+
+    def header(self) -> str | None:
+        return self.view.header_line()
+
+    def mount_row(self, m: Mount, action: str | None) -> str:
+        row = cells(self.view.columns, m, action=action, container_of=self.container)
+        return self.view.row_line(row, action)
+
+    def event_row(self, ev: Event) -> str:
+        view = self.view
+        row = cells(view.columns, ev.mount, event=ev, container_of=self.container)
+        extra = ""
+        if view.with_notes:
+            pairs = notes(ev)
+            if ev.mount.target is None:  # came and went before it could be described
+                m = ev.mount
+                ident = m.legacy_id if m.legacy_id is not None else m.id
+                pairs = [("ID", str(ident) if ident is not None else "-")]
+                if ev.pid is not None:
+                    pairs.append(("PID", str(ev.pid)))
+                if ev.comm is not None:
+                    pairs.append(("COMM", ev.comm))
+            extra = _notes_text(view.style, pairs)
+        return view.row_line(row, ev.action, extra)
+
+    def lines(self, frame: object) -> list[str]:
+        """The rows a frame prints (status frames go to stderr: not here)."""
+        if isinstance(frame, Event):
+            return [self.event_row(frame)]
+        if isinstance(frame, Snapshot):
+            self.learn(frame.ns_id, getattr(frame, "container", None))
+            return [self.mount_row(m, "present") for m in frame.mounts]
+        if isinstance(frame, (Ready, Resync, End)):
+            self.learn(frame.ns_id, getattr(frame, "container", None))
+        return []
+
+
+def _notes_text(style: Style, pairs: Sequence[tuple[str, str]]) -> str:
+    if not pairs:
+        return ""
+    if style is Style.PAIRS:
+        return "".join(f' {k}="{escape_pairs(v)}"' for k, v in pairs)
+    if style is Style.RAW:
+        return "".join(f" {k}={escape_raw(v)}" for k, v in pairs)
+    return "".join(f"  {k}={escape_table(v)}" for k, v in pairs)
+
+
+def tree_order(mounts: Sequence[Mount]) -> tuple[list[Mount], list[int], list[bool]]:
+    """Depth-first order (children by target) with each row's depth and whether it
+    is the last child: findmnt's tree."""
+    table = MountTable(mounts)
+    kids: dict[int | None, list[Mount]] = {}
+    roots: list[Mount] = []
+    for m in mounts:
+        p = parent_key(m)
+        if p is None or p == m.key or p not in table:
+            roots.append(m)
         else:
-            for b in ch.encode("utf-8", "surrogateescape"):
-                out.append(f"\\x{b:02x}")
-    return "".join(out)
+            kids.setdefault(p, []).append(m)
+    for v in kids.values():
+        v.sort(key=lambda m: (m.target or "", m.key))
+    order: list[Mount] = []
+    depths: list[int] = []
+    last: list[bool] = []
+    seen: set[int] = set()
+    stack: list[tuple[Mount, int, bool]] = [
+        (m, 0, i == len(roots) - 1) for i, m in reversed(list(enumerate(roots)))
+    ]
+    while stack:
+        m, d, is_last = stack.pop()
+        if m.key in seen:
+            continue
+        seen.add(m.key)
+        order.append(m)
+        depths.append(d)
+        last.append(is_last)
+        children = kids.get(m.key, [])
+        for i in range(len(children) - 1, -1, -1):
+            stack.append((children[i], d + 1, i == len(children) - 1))
+    return order, depths, last
 
 
-def _cells(m: Mount) -> str:
-    return (
-        f"{human_path(m.target):<{_W_TARGET}} {human_path(m.source):<{_W_SOURCE}} "
-        f"{m.fstype or '-':<{_W_FSTYPE}} {m.options or '-'}"
-    )
+def list_lines(
+    view: View,
+    mounts: Sequence[Mount],
+    *,
+    tree: bool = False,
+    container_of: ContainerOf | None = None,
+) -> list[str]:
+    """`amountd list`: the table (or tree) of `mounts`, fitted to the view's width."""
+    prefixes = None
+    if tree:
+        order, depths, last = tree_order(mounts)
+        mounts = order
+        prefixes = tree_prefixes(depths, last)
+    rows = [cells(view.columns, m, container_of=container_of) for m in mounts]
+    return view.table(rows, prefixes=prefixes)
 
 
 def mount_line(m: Mount, action: str | None = None) -> str:
-    """A table row; with `action`, in the watch layout (`present` rows of --snapshot)."""
+    """A row of the default columns, off a terminal."""
     if action is None:
-        return _cells(m)
-    return f"{action:<{_W_ACTION}} {_cells(m)}"
+        return _PLAIN_LIST.row_line(cells(DEFAULT_LIST, m))
+    return _PLAIN_WATCH.row_line(cells(DEFAULT_WATCH, m, action=action), action)
 
 
 def event_line(ev: Event) -> str:
-    """The row shows the mount's new state, and what changed beside it: a remount its new
-    per-mount OPTIONS (the row's column) and FS-OPTIONS, with OLD-OPTIONS (and
-    OLD-FS-OPTIONS where the superblock's changed); a propagation change the new and old
-    propagation, like findmnt's PROPAGATION column."""
-    m = ev.mount
-    line = mount_line(m, ev.action)
-    old = ev.old
-    if old is None:
-        return line
-    if ev.action == "move":
-        line += f"  OLD-TARGET={human_path(old.target)}"
-        if old.options != m.options:
-            line += f"  OLD-OPTIONS={old.options or '-'}"
-    elif ev.action == "remount":
-        line += f"  FS-OPTIONS={human_path(m.fs_options)}"
-        line += f"  OLD-OPTIONS={old.options or '-'}"
-        if old.fs_options != m.fs_options:
-            line += f"  OLD-FS-OPTIONS={human_path(old.fs_options)}"
-    elif ev.action == "propagation":
-        line += f"  PROPAGATION={_propagation(m.propagation)}"
-        line += f"  OLD-PROPAGATION={_propagation(old.propagation)}"
-    return line
+    """An event in the default columns, with OLD-TARGET=/OLD-OPTIONS= after it."""
+    return Renderer(_PLAIN_WATCH).event_row(ev)
 
 
-def _propagation(p: str | None) -> str:
-    """findmnt's words where it has them: `private` for no optional fields."""
-    if p is None:
-        return "-"
-    return p.replace(" ", ",") if p else "private"
+assert all(c in COLUMNS for c in (*DEFAULT_LIST, *DEFAULT_WATCH))

@@ -48,6 +48,7 @@ from anyio.streams.tls import TLSListener, TLSStream
 from .accept import resilient
 from .access import scope_request, tcp_peer_uid
 from .broker import Broker, Subscription
+from .cgroups import ContainerLookup, container_of_pid
 from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
 from .config import PublishConfig
 from .errors import AmountdError, UsageError
@@ -63,7 +64,7 @@ from .limits import (
     effective_cap,
     raise_nofile,
 )
-from .model import End, Error, Event
+from .model import End, Error, Event, Resync
 from .protocol import (
     ProtocolError,
     Request,
@@ -507,13 +508,23 @@ class Server:
         stamp = self.service.stamp
         table = self.table
         step = self.slice
+        containers = ContainerLookup()  # what runs in each namespace, for resync/end
+        for ns in getattr(src, "namespaces", [src.ns]):
+            containers.hint(ns.ns_id, ns.pid)
+            if ns.ns_id is not None:
+                containers(ns.ns_id)
         try:
             async with aclosing(src.changes()) as batches:
                 async for batch in batches:
                     stamp()
-                    for i, frame in enumerate(batch, 1):
+                    for i, item in enumerate(batch, 1):
+                        frame = item
                         if type(frame) is Event:
                             apply(table, frame)
+                        elif isinstance(frame, (Resync, End)) and frame.ns_id is not None:
+                            frame = msgspec.structs.replace(
+                                frame, container=containers(frame.ns_id)
+                            )
                         publish(frame)
                         if isinstance(frame, End) and frame.ns_id is None:  # else: one of several
                             log.info("the namespace ended (%s): stopping", frame.reason)
@@ -1003,6 +1014,7 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
             reason=src.reason,
             snapshot_cache=config.snapshot_cache,
             seq=time.time_ns() // 1000,  # above every earlier run's (see the module doc)
+            container=container_of_pid(src.ns.pid),  # one namespace (else ns is nowhere)
         )
         server = Server(config, broker, table, service)
         listeners, unix = await _open_listeners(service.unpassed(config), token, ssl_ctx, gid)

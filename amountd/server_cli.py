@@ -164,9 +164,57 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     _add_filters(p, actions=True)
     p.add_argument("--count", type=_positive_int, metavar="N", help="exit after N events")
     p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
+    from .cli import add_output_flags
+
+    add_output_flags(p)
+    add_subscribe_scope(p)
     p.set_defaults(func=_cmd_subscribe)
 
     add_status_command(sub, common)
+
+
+def add_subscribe_scope(p: argparse.ArgumentParser) -> None:
+    """subscribe's namespace filters: --ns ID, --pid PID, --container ID|PREFIX."""
+    p.add_argument(
+        "--ns",
+        dest="ns_ids",
+        metavar="NS_ID",
+        type=_at_least_0,
+        action="append",
+        help="only this mount namespace (its ID, as the NS column shows); repeatable",
+    )
+    p.add_argument(
+        "--pid",
+        dest="pids",
+        metavar="PID",
+        type=_at_least_1,
+        action="append",
+        help="only the mount namespace of process PID (resolved by the server); repeatable",
+    )
+    p.add_argument(
+        "--container",
+        dest="containers",
+        metavar="ID|PREFIX",
+        action="append",
+        help="only namespaces whose container ID (or pod UID) starts with this, or "
+        "RUNTIME:PREFIX (docker:3f2a); repeatable",
+    )
+
+
+def subscribe_scope(args: argparse.Namespace, flt: Any) -> Any:
+    """The filter with subscribe's --ns/--pid/--container added."""
+    import msgspec
+
+    changes: dict[str, Any] = {}
+    if getattr(args, "ns_ids", None):
+        changes["namespaces"] = list(args.ns_ids)
+    if getattr(args, "pids", None):
+        changes["pids"] = list(args.pids)
+    if getattr(args, "containers", None):
+        if any(not c.strip() for c in args.containers):
+            raise UsageError("--container needs an ID, a prefix, or RUNTIME:PREFIX")
+        changes["containers"] = list(args.containers)
+    return msgspec.structs.replace(flt, **changes) if changes else flt
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -234,11 +282,12 @@ def server_address(args: argparse.Namespace) -> tuple[str, str | None, Any]:
 
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
-    from .cli import Output, _filter, print_frames, run, run_until_signal
+    from .cli import Output, _filter, make_view, print_frames, run, run_until_signal
+    from .columns import DEFAULT_WATCH
 
     url, token, ssl_context = server_address(args)
-    flt = _filter(args)
-    out = Output(args.json)
+    flt = subscribe_scope(args, _filter(args))
+    out = Output(args.json, view=None if args.json else make_view(args, DEFAULT_WATCH))
 
     async def body() -> None:
         from .client import connect
@@ -253,6 +302,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
             token=token,
             ssl_context=ssl_context,
             server_uid=args.server_uid,
+            keep_table=True,  # after a resync: what changed, not the whole table
         ) as frames:
             await print_frames(frames, out, args.count)
 

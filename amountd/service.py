@@ -504,15 +504,18 @@ class Service:
 
     @staticmethod
     def _namespaces(server: Server, src: Source) -> list[NamespaceStatus]:
+        from .cgroups import container_of_pid
         from .sources.multi import MultiSource
 
         if not isinstance(src, MultiSource):
-            return [NamespaceStatus(ns_id=src.ns_id, mounts=len(server.table))]
+            c = container_of_pid(src.ns.pid)
+            return [NamespaceStatus(ns_id=src.ns_id, mounts=len(server.table), container=c)]
         counts: dict[int | None, int] = dict.fromkeys(src.ns_ids, 0)
         for m in server.table:
             counts[m.ns_id] = counts.get(m.ns_id, 0) + 1
+        pids = {ns.ns_id: ns.pid for ns in src.namespaces}
         return [
-            NamespaceStatus(ns_id=ns_id, mounts=n)
+            NamespaceStatus(ns_id=ns_id, mounts=n, container=container_of_pid(pids.get(ns_id)))
             for ns_id, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
         ]
 

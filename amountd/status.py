@@ -107,8 +107,15 @@ def format_status(st: Status) -> str:
     lines.append(f"listening:   {', '.join(st.listeners) or '-'}")
     lines.append(f"namespaces:  {len(st.namespaces)}")
     if st.namespaces:
-        rows = [["?" if n.ns_id is None else str(n.ns_id), str(n.mounts)] for n in st.namespaces]
-        lines += _table(["NS_ID", "MOUNTS"], rows, right={1})
+        rows = [
+            [
+                "?" if n.ns_id is None else str(n.ns_id),
+                str(n.mounts),
+                n.container.short if n.container is not None else "-",
+            ]
+            for n in st.namespaces
+        ]
+        lines += _table(["NS_ID", "MOUNTS", "CONTAINER"], rows, right={1})
     lines.append(f"seq:         {st.seq}")
     lines.append(
         f"events:      {st.events} published; {_plural(st.resyncs, 'resync')} "

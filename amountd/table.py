@@ -14,6 +14,7 @@ import msgspec
 from amountd.model import Action, Event, Frame, Mount, Snapshot, Via
 
 __all__ = [
+    "Follower",
     "MountTable",
     "apply",
     "apply_frame",
@@ -299,3 +300,29 @@ def apply_frame(table: MountTable, frame: Frame) -> MountTable:
     if isinstance(frame, Event):
         apply(table, frame)
     return table
+
+
+class Follower:
+    """A consumer's table kept across resyncs: after the first snapshot, a fresh one
+    (after `resync`) becomes the events that turn what the consumer held into it,
+    `via: "resync"` and numbered with the snapshot's seq, so a person sees what changed
+    while they were not told (an umount during a server's restart) rather than the
+    whole table again."""
+
+    __slots__ = ("table",)
+
+    def __init__(self) -> None:
+        self.table: MountTable | None = None
+
+    def feed(self, frame: Frame, now: float) -> list[Frame]:
+        """The frames to hand on for `frame` (the snapshot replaced by its difference)."""
+        if isinstance(frame, Snapshot):
+            new = MountTable(frame.mounts)
+            old, self.table = self.table, new
+            if old is None:
+                return [frame]
+            events = diff(old, new, via="resync", time=now)
+            return [msgspec.structs.replace(e, seq=frame.seq) for e in events]
+        if isinstance(frame, Event) and self.table is not None:
+            apply(self.table, frame)
+        return [frame]

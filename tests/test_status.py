@@ -16,6 +16,7 @@ import pytest
 from amountd import connect
 from amountd.filter import Filter
 from amountd.model import (
+    Container,
     Event,
     NamespaceStatus,
     Status,
@@ -132,8 +133,8 @@ def test_format_status() -> None:
             "source:      fanotify",
             "listening:   unix:/run/amountd/amountd.sock, tcp://127.0.0.1:7333",
             "namespaces:  1",
-            "  NS_ID       MOUNTS",
-            "  4026531841      34",
+            "  NS_ID       MOUNTS  CONTAINER",
+            "  4026531841      34  -",
             "seq:         1746771234567890",
             "events:      12 published; 1 resync (1 overflow); 0 queue drops",
             "subscribers: 2",
@@ -145,6 +146,9 @@ def test_format_status() -> None:
     )
     bare = format_status(Status())
     assert "subscribers: 0" in bare and "namespaces:  0" in bare
+    docker = Container(runtime="docker", id="3f" * 32)
+    boxed = Status(namespaces=[NamespaceStatus(ns_id=9, mounts=3, container=docker)])
+    assert "  9           3  docker:3f3f3f3f3f3f" in format_status(boxed)
 
 
 @pytest.mark.parametrize(
