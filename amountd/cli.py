@@ -1,4 +1,4 @@
-"""The `amountd` command: list, watch, serve, subscribe (DESIGN.md, "The command line").
+"""The `amountd` command: list, watch, serve, subscribe (docs/protocol.md and the README).
 
 Heavy modules (anyio, the sources) are imported inside the commands, so `--help` and
 usage errors answer at once.

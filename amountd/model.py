@@ -1,4 +1,4 @@
-"""The records and frames that cross every boundary (DESIGN.md, "Records and frames").
+"""The records and frames that cross every boundary (docs/protocol.md, "Records" and "Frames").
 
 Paths are exact. In Python a path is a `FsPath`: a `str` holding the kernel's bytes
 decoded as UTF-8 with surrogateescape (the convention of `os.listdir`), so every byte
@@ -95,7 +95,7 @@ class Mount(msgspec.Struct, kw_only=True, frozen=True):
 
     A field the source cannot know (or the kernel no longer gives, for a mount that is
     gone) is None. `dev` (mountinfo's third field, statmount's sb_dev_major/minor) is
-    an addition to DESIGN.md's table: it tells a reused 32-bit ID from the same mount.
+    an addition to the original design: it tells a reused 32-bit ID from the same mount.
     """
 
     id: int | None = None

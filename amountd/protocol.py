@@ -1,4 +1,4 @@
-"""The wire protocol, sans-IO (DESIGN.md, "The wire protocol").
+"""The wire protocol, sans-IO (docs/protocol.md, "The wire protocol").
 
 Plain functions and accumulators over bytes, so the server and the client are thin
 shells and every edge (partial reads, garbage, oversize lines) is tested without sockets.

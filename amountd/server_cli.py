@@ -1,4 +1,4 @@
-"""`amountd serve` and `amountd subscribe` (DESIGN.md, "The command line").
+"""`amountd serve` and `amountd subscribe` (docs/protocol.md and the README).
 
 Registered by cli.build_parser(); like the rest of the CLI, the heavy modules are
 imported inside the commands so `--help` answers at once.
