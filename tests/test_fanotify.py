@@ -147,7 +147,8 @@ async def test_remount_and_propagation_sweep(private_ns: PrivateNs) -> None:
 
 
 def test_auto_falls_back_and_says_why() -> None:
-    """Without CAP_SYS_ADMIN, fanotify mount marks are refused: auto says so, uses mountinfo."""
+    """Without CAP_SYS_ADMIN, fanotify mount marks are refused: auto says so and uses
+    listmount (listmount and statmount of one's own namespace need no privilege)."""
     from amountd.model import decode_json
 
     from .conftest import ROOT
@@ -158,7 +159,7 @@ def test_auto_falls_back_and_says_why() -> None:
     assert res.returncode == 0, res.stderr
     ready = decode_json(res.stdout.splitlines()[0])
     assert isinstance(ready, Ready)
-    assert ready.source == "mountinfo"
+    assert ready.source == "listmount"
     assert ready.reason is not None
     assert "fanotify" in ready.reason
     res = run_cli("watch", "--source", "fanotify", "--timeout", "0.3", user=65534)

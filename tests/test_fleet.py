@@ -361,7 +361,12 @@ async def test_nats_that_never_answers_leaves_local_serving(
 ) -> None:
     ns = spaces[0]
     config = _settings(tmp_path, "[publish]\nack_timeout = 1\n")
-    server = _live(_serve(tmp_path, "stop", ns, nats_server.url, "--config", config).start())
+    # The local queue holds the whole burst (4,000 events): a busy machine cannot make the
+    # local reader lag, so a resync here could only come from the stopped NATS.
+    server = _live(
+        _serve(tmp_path, "stop", ns, nats_server.url, "--config", config, "--queue", "65536")
+        .start()
+    )
     try:
         await _wait_keys(js, "stop", ns.pid)
         async with anyio.create_task_group() as tg:

@@ -112,7 +112,10 @@ def test_importing_the_model_builds_no_decoder() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
     assert res.returncode == 0, res.stderr.decode()
     lines = res.stdout.decode().splitlines()
-    assert lines == ["End(reason='x', ns_id=None)", "End(reason='y', ns_id=None)"]
+    assert lines == [
+        "End(reason='x', ns_id=None, container=None)",
+        "End(reason='y', ns_id=None, container=None)",
+    ]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
