@@ -248,7 +248,7 @@ async def test_three_hosts_churned_concurrently(
                 "--host",
                 "b*",
                 "--timeout",
-                "5",
+                "20",  # a busy machine: the snapshot must be read within it
             ],
             capture_output=True,
             check=True,

@@ -207,6 +207,15 @@ async def test_no_watchdog_without_watchdog_usec(
 ACTIVATE = shutil.which("systemd-socket-activate")
 
 
+def _listening(port: int) -> bool:
+    """A TCP socket of this machine listens on 127.0.0.1:port (/proc/net/tcp, state 0A)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(
+            (cols := line.split())[1] == want and cols[3] == "0A" for line in list(f)[1:]
+        )
+
+
 @pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is not installed")
 async def test_socket_activation(
     daemon_for: DaemonFactory, private_ns: PrivateNs, tmp_path: Path
@@ -218,7 +227,9 @@ async def test_socket_activation(
     prefix = (ACTIVATE, "-l", str(act), "-l", f"127.0.0.1:{port}")
     d = daemon_for(wait=None, prefix=prefix)
     deadline = time.monotonic() + 20
-    while not act.exists():  # systemd-socket-activate made it; amountd starts on demand
+    # systemd-socket-activate makes both listeners (the Unix one first); amountd starts on
+    # demand. Wait for both, or a busy machine can make the TCP connect come too early.
+    while not (act.exists() and _listening(port)):
         assert d.proc.poll() is None and time.monotonic() < deadline, d.text()
         time.sleep(0.01)
     mode = act.stat().st_mode
