@@ -104,6 +104,10 @@ class PublishConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
     """Frames the publisher may fall behind before it reconciles instead (default: 65536)."""
     ack_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     """Seconds without an acknowledgement before NATS counts as down (default: 5)."""
+    tombstone_ttl: Annotated[int, msgspec.Meta(ge=1)] = 3600
+    """Seconds the marker of a deleted or purged key stays in the buckets (default: 3600):
+    without a limit every mount ever unmounted would leave one, and every reader of the
+    bucket would read them all. Needs nats-server 2.11+ (per-message TTL)."""
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -16,7 +16,8 @@ from typing import Any, Self
 
 import msgspec
 
-from amountd.model import Frame, Mount, decode_json
+from amountd.fleet.kvread import read_bucket
+from amountd.model import Frame, decode_json
 
 
 def nats_server_binary() -> str | None:
@@ -82,25 +83,9 @@ class NatsServer:
             self.kill()
 
 
-_mount = msgspec.json.Decoder(Mount)
-
-
 async def kv_entries(js: Any, bucket: str, pattern: str) -> dict[str, bytes]:
     """The live keys (deleted ones left out) under a pattern, with their values."""
-    kv = await js.key_value(bucket)
-    watcher = await kv.watch(pattern, ignore_deletes=True)
-    out: dict[str, bytes] = {}
-    try:
-        while True:
-            entry = await watcher.updates(timeout=10)
-            if entry is None:
-                return out
-            if entry.operation is None:
-                out[entry.key] = bytes(entry.value)
-            else:
-                out.pop(entry.key, None)
-    finally:
-        await watcher.stop()
+    return await read_bucket(js, bucket, pattern, 10)
 
 
 class StreamMsg(msgspec.Struct, frozen=True):

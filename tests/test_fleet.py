@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,24 @@ def _live(server: Serve, run: int = 1, timeout: float = 60) -> Serve:
             raise AssertionError(f"the publisher did not go live (run {run}):\n{server.text()}")
         time.sleep(0.02)
     return server
+
+
+def _fleet(url: str, args: list[str], done: Callable[[list[bytes]], bool]) -> list[bytes]:
+    """`amountd fleet --nats URL ARGS` until its lines satisfy `done`, then Ctrl-C (its
+    `--timeout` is only a backstop: the lines, not a clock, end the wait)."""
+    argv = [sys.executable, "-m", "amountd", "fleet", "--nats", url, *args, "--timeout", "60"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+    for line in proc.stdout:
+        lines.append(line.rstrip(b"\n"))
+        if done(lines):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert done(lines), f"amountd fleet {args} ended with {proc.returncode}: {err.decode()}"
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
+    return lines
 
 
 def _settings(tmp_path: Path, text: str) -> str:
@@ -212,51 +230,26 @@ async def test_three_hosts_churned_concurrently(
                 assert value["mounts"] == len(kernel_table(ns.pid))
                 assert value["source"] == "fanotify" or value["source"]
             tg.cancel_scope.cancel()
+
         # The consumer: `amountd fleet --snapshot --json` gives every host's table.
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "amountd",
-                "fleet",
-                "--nats",
-                nats_server.url,
-                "--snapshot",
-                "--json",
-                "--timeout",
-                "5",
-            ],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        )
-        lines = [msgspec.json.decode(line) for line in res.stdout.splitlines()]
+        def three(lines: list[bytes]) -> bool:
+            return sum(b'"type":"snapshot"' in line for line in lines) >= len(hosts)
+
+        out = _fleet(nats_server.url, ["--snapshot", "--json"], three)
+        frames = [msgspec.json.decode(line) for line in out]
         for h, ns in zip(hosts, spaces, strict=True):
-            snap = [d for d in lines if d["host"] == h and d["type"] == "snapshot"]
+            snap = [d for d in frames if d["host"] == h and d["type"] == "snapshot"]
             assert len(snap) == 1
             assert {m["id"] for m in snap[0]["mounts"]} == {m.id for m in kernel_table(ns.pid)}
         # The table for people has a HOST column; --host picks hosts.
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "amountd",
-                "fleet",
-                "--nats",
-                nats_server.url,
-                "--snapshot",
-                "--host",
-                "b*",
-                "--timeout",
-                "20",  # a busy machine: the snapshot must be read within it
-            ],
-            capture_output=True,
-            check=True,
-            timeout=60,
+        beta = len(kernel_table(spaces[1].pid))
+        out = _fleet(
+            nats_server.url, ["--snapshot", "--host", "b*"], lambda lines: len(lines) > beta
         )
-        rows = res.stdout.decode().splitlines()
+        rows = [r.decode() for r in out]
         assert rows[0].split()[:2] == ["HOST", "ACTION"]
         assert {r.split()[0] for r in rows[1:]} == {"beta"}
+        assert len(rows) == beta + 1
     finally:
         for s in servers:
             s.stop()
@@ -364,8 +357,9 @@ async def test_nats_that_never_answers_leaves_local_serving(
     # The local queue holds the whole burst (4,000 events): a busy machine cannot make the
     # local reader lag, so a resync here could only come from the stopped NATS.
     server = _live(
-        _serve(tmp_path, "stop", ns, nats_server.url, "--config", config, "--queue", "65536")
-        .start()
+        _serve(
+            tmp_path, "stop", ns, nats_server.url, "--config", config, "--queue", "65536"
+        ).start()
     )
     try:
         await _wait_keys(js, "stop", ns.pid)
@@ -435,3 +429,63 @@ def test_bad_publish_url_and_host_id_are_usage_errors(tmp_path: Path) -> None:
         )
         assert res.returncode == 2, res.stderr
         assert what in res.stderr.decode()
+
+
+async def test_read_bucket_gives_the_live_keys_under_a_pattern(nats_server: NatsServer) -> None:
+    """The reader the publisher's reconcile and `fleet --snapshot` use: deleted and purged
+    keys left out, other hosts' keys left out, an empty match is empty (not a wait)."""
+    import nats
+
+    from amountd.fleet.kvread import read_bucket
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        kv = await js.create_key_value(bucket="amountd_mounts", history=1)
+        for i in range(2500):  # more than one fetch's batch
+            await kv.put(f"h.1.{i}", b"%d" % i)
+        for i in range(0, 2500, 2):
+            await kv.delete(f"h.1.{i}")
+        await kv.purge("h.1.1")
+        await kv.put("h.1.3", b"again")
+        await kv.put("g.1.5", b"other host")
+        got = await read_bucket(js, "amountd_mounts", "h.>", 10)
+        want = {f"h.1.{i}": b"%d" % i for i in range(5, 2500, 2)} | {"h.1.3": b"again"}
+        assert got == want
+        everything = await read_bucket(js, "amountd_mounts", ">", 10)
+        assert everything == want | {"g.1.5": b"other host"}
+        assert await read_bucket(js, "amountd_mounts", "nobody.>", 10) == {}
+        # Each read's consumer is gone after it.
+        info = await js.stream_info("KV_amountd_mounts")
+        assert info.state.consumer_count == 0
+        # The same as nats-py's own KV reads, key by key.
+        assert everything == {k: (await kv.get(k)).value for k in await kv.keys()}
+    finally:
+        await nc.close()
+
+
+async def test_delete_markers_expire(
+    tmp_path: Path, nats_server: NatsServer, js: Any, spaces: list[PrivateNs]
+) -> None:
+    """An umount's delete marker carries `[publish] tombstone_ttl`: once it has passed,
+    the mounts bucket holds only the mounted keys, however many mounts came and went."""
+    ns = spaces[0]
+    config = _settings(tmp_path, "[publish]\ntombstone_ttl = 1\n")
+    server = _live(_serve(tmp_path, "ttl", ns, nats_server.url, "--config", config).start())
+    try:
+        ns.ops("churn", ns.path("c"), 300)
+        await _wait_keys(js, "ttl", ns.pid)
+        info = await js.stream_info("KV_amountd_mounts")
+        assert info.config.allow_msg_ttl
+
+        async def held() -> int:
+            return int((await js.stream_info("KV_amountd_mounts")).state.messages)
+
+        live = len(kernel_table(ns.pid))
+        with anyio.move_on_after(60):
+            while await held() != live:  # noqa: ASYNC110 (NATS expires them on its clock)
+                await anyio.sleep(0.2)
+        assert await held() == live, f"{await held()} messages for {live} mounted keys"
+        await _wait_keys(js, "ttl", ns.pid)
+    finally:
+        server.stop()

@@ -19,6 +19,7 @@ import msgspec
 from ..errors import AmountdError
 from ..filter import Filter, filter_event, filter_mounts
 from ..model import Event, Frame, Mount, Resync, Snapshot, decode_json, encode_json
+from .kvread import read_bucket
 from .naming import MOUNTS_BUCKET, STREAM, decode_mount, host_subject, parse_key
 
 __all__ = ["DEFAULT_URL", "FleetFrame", "fleet_json", "watch"]
@@ -50,29 +51,25 @@ async def _snapshots(js: Any, hosts: str, flt: Filter, timeout: float) -> list[F
     from nats.js.errors import BucketNotFoundError
 
     try:
-        kv = await js.key_value(MOUNTS_BUCKET)
+        await js.key_value(MOUNTS_BUCKET)
     except BucketNotFoundError:
         return []
     pattern = f"{hosts}.>" if host_subject(hosts) != "amountd.>" else ">"
-    watcher = await kv.watch(pattern, ignore_deletes=True)
-    tables: dict[tuple[str, int | None], list[Mount]] = {}
     try:
-        while True:
-            entry = await watcher.updates(timeout=timeout)
-            if entry is None:
-                break
-            if entry.operation is not None:
-                continue
-            try:
-                host, ns, _ = parse_key(entry.key)
-            except ValueError:
-                continue
-            if not fnmatch.fnmatchcase(host, hosts):
-                continue
-            tables.setdefault((host, ns), []).append(decode_mount(entry.value))
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()
+        entries = await read_bucket(js, MOUNTS_BUCKET, pattern, timeout)
+    except Exception as e:
+        raise AmountdError(
+            f"cannot read the bucket {MOUNTS_BUCKET}: {e or type(e).__name__}"
+        ) from None
+    tables: dict[tuple[str, int | None], list[Mount]] = {}
+    for key, value in entries.items():
+        try:
+            host, ns, _ = parse_key(key)
+        except ValueError:
+            continue
+        if not fnmatch.fnmatchcase(host, hosts):
+            continue
+        tables.setdefault((host, ns), []).append(decode_mount(value))
     out = []
     for (host, ns), table in sorted(tables.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         mounts = table if flt.is_empty else filter_mounts(flt, table)

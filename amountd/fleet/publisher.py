@@ -8,8 +8,10 @@ Writes are pipelined (JetStream acks are awaited in bulk, at most `_INFLIGHT` ou
 
 It reconciles on its first snapshot, after every lag, and whenever NATS comes back
 (a reconnect, or acks resuming after `ack_timeout` without any): it reads this host's
-keys in `amountd_mounts` and `amountd_namespaces`, writes and deletes the difference
-from its mirror (amountd.fleet.mirror), and publishes a `resync` frame per namespace.
+keys in `amountd_mounts` and `amountd_namespaces` (behind a barrier: a delete of the
+key `<host>` itself, which no host's pattern matches), writes and deletes the
+difference from its mirror (amountd.fleet.mirror), and publishes a `resync` frame per
+namespace.
 
 nats-py runs on asyncio only: on another loop the publisher refuses to start.
 """
@@ -30,6 +32,7 @@ from ..client import STOPPING
 from ..errors import AmountdError, UsageError
 from ..model import End, Event, PublisherStatus, Ready, Resync, Snapshot, decode_json, encode_json
 from ..protocol import SubscribeRequest
+from .kvread import read_bucket
 from .mirror import KvOp, Mirror
 from .naming import (
     MOUNTS_BUCKET,
@@ -170,6 +173,7 @@ class Publisher:
         self._have_table = False  # nothing to reconcile with before the first snapshot
         self._last_seq = started
         self._touched: set[int | None] = set()
+        self._marker: dict[str, str] = {}  # the headers a delete marker adds (its TTL)
         self.finished = anyio.Event()
         self._subscribed = subscribed  # who it is, for `status`
 
@@ -341,9 +345,10 @@ class Publisher:
         if op.op == "put":
             await self._send(subj, op.value)
         elif op.op == "del":
-            await self._send(subj, b"", {"KV-Operation": "DEL"})
+            await self._send(subj, b"", {"KV-Operation": "DEL", **self._marker})
         else:
-            await self._send(subj, b"", {"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+            purge = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", **self._marker}
+            await self._send(subj, b"", purge)
 
     def _check_acks(self) -> None:
         """Drop the acknowledged; a failed or overdue one means NATS is down."""
@@ -451,29 +456,21 @@ class Publisher:
                 await self._kv(op)
 
     async def _read_keys(self, bucket: str, pattern: str) -> dict[str, bytes]:
-        """This host's entries in a bucket (deleted ones left out)."""
+        """This host's entries in a bucket (deleted ones left out), after every write
+        this connection sent before: a barrier write to the bucket, acknowledged, comes
+        after them in the bucket's stream (a stream stores one connection's writes in
+        order). Without it, writes held by the client while NATS was away, or still
+        queued in the server, land after the read: keys of mounts gone since stay."""
         try:
-            kv = await self._js.key_value(bucket)
-            watcher = await kv.watch(pattern, ignore_deletes=True)
+            await self._js.publish(
+                kv_subject(bucket, self.host),
+                b"",
+                timeout=self.settings.ack_timeout,
+                headers={"KV-Operation": "DEL", **self._marker},
+            )
+            return await read_bucket(self._js, bucket, pattern, self.settings.ack_timeout)
         except Exception as e:
             raise _Down(f"cannot read the bucket {bucket}: {e or type(e).__name__}") from None
-        out: dict[str, bytes] = {}
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=self.settings.ack_timeout)
-                except Exception as e:
-                    raise _Down(f"reading {bucket} stalled: {e or type(e).__name__}") from None
-                if entry is None:
-                    break
-                if entry.operation is None:
-                    out[entry.key] = bytes(entry.value or b"")
-                else:
-                    out.pop(entry.key, None)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-        return out
 
     async def _ensure(self) -> None:
         """The stream and the buckets, created if missing (an existing one is kept)."""
@@ -498,16 +495,40 @@ class Publisher:
                     )
                 )
                 log.info("created the stream %s", STREAM)
+            ttl = True
             for bucket in (MOUNTS_BUCKET, NAMESPACES_BUCKET):
                 try:
                     await js.key_value(bucket)
                 except BucketNotFoundError:
                     await js.create_key_value(bucket=bucket, history=1)
                     log.info("created the key-value bucket %s", bucket)
+                ttl = await self._allow_ttl(f"KV_{bucket}") and ttl
+            self._marker = {"Nats-TTL": f"{s.tombstone_ttl}s"} if ttl else {}
         except _Down:
             raise
         except Exception as e:
             raise _Down(f"cannot set up JetStream: {e or type(e).__name__}") from None
+
+    async def _allow_ttl(self, stream: str) -> bool:
+        """Let the bucket's stream take per-message TTLs (nats-server 2.11+), so delete
+        markers expire; False, said once in the log, where the server cannot."""
+        from nats.js.errors import APIError
+
+        info = await self._js.stream_info(stream)
+        if info.config.allow_msg_ttl:
+            return True
+        info.config.allow_msg_ttl = True
+        try:
+            await self._js.update_stream(info.config)
+        except APIError as e:
+            if self._marker or self.reconciles == 0:
+                log.warning(
+                    "NATS keeps delete markers in %s for good (no per-message TTL: %s)",
+                    stream,
+                    e.description or e,
+                )
+            return False
+        return True
 
     async def _reconcile(self, reason: str) -> None:
         """Make this host's keys equal its table; say so with a `resync` per namespace."""
