@@ -44,6 +44,11 @@ class ContainerLookup:
         if ns_id is not None and pid is not None:
             self._pids[ns_id] = pid
 
+    def remember(self, ns_id: int, container: Container) -> None:
+        """What a source found when it met the namespace (its process may be gone by its
+        end, when the frame still names the container)."""
+        self._cache[ns_id] = container
+
     def __call__(self, ns_id: int) -> Container | None:
         if ns_id in self._cache:
             return self._cache[ns_id]

@@ -321,10 +321,23 @@ class Output:
         elif isinstance(frame, Ready):
             if frame.reason:
                 print(f"amountd: {frame.reason}", file=sys.stderr, flush=True)
-        elif isinstance(frame, Resync):
-            print(f"amountd: resync ({frame.reason})", file=sys.stderr, flush=True)
-        elif isinstance(frame, End):
-            print(f"amountd: {frame.reason}", file=sys.stderr, flush=True)
+        elif isinstance(frame, (Resync, End)):
+            print(f"amountd: {_notice(frame)}", file=sys.stderr, flush=True)
+
+
+def _notice(frame: Any) -> str:
+    """A resync or end as one line for people: which namespace, what runs in it."""
+    from .model import Resync
+
+    what = f"resync ({frame.reason})" if isinstance(frame, Resync) else frame.reason
+    if frame.ns_id is None:
+        return str(what)
+    where = f"mount namespace {frame.ns_id}"
+    if frame.container is not None:
+        where += f" ({frame.container.short})"
+    if isinstance(frame, Resync) and frame.reason == "found":
+        return f"new {where}"
+    return f"{where}: {what}"
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

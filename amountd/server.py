@@ -522,9 +522,12 @@ class Server:
                         if type(frame) is Event:
                             apply(table, frame)
                         elif isinstance(frame, (Resync, End)) and frame.ns_id is not None:
-                            frame = msgspec.structs.replace(
-                                frame, container=containers(frame.ns_id)
-                            )
+                            if frame.container is not None:
+                                containers.remember(frame.ns_id, frame.container)
+                            else:
+                                frame = msgspec.structs.replace(
+                                    frame, container=containers(frame.ns_id)
+                                )
                         publish(frame)
                         if isinstance(frame, End) and frame.ns_id is None:  # else: one of several
                             log.info("the namespace ended (%s): stopping", frame.reason)

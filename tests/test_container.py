@@ -136,13 +136,17 @@ class Cgroups:
         self.made: list[Path] = [self.base]
         self.moved: list[int] = []
 
-    def place(self, pid: int, rel: str) -> Path:
+    def make(self, rel: str) -> Path:
         path = self.base
         for part in rel.strip("/").split("/"):
             path = path / part
             if not path.exists():
                 path.mkdir()
                 self.made.append(path)
+        return path
+
+    def place(self, pid: int, rel: str) -> Path:
+        path = self.make(rel)
         (path / "cgroup.procs").write_text(str(pid))
         self.moved.append(pid)
         return path
@@ -293,4 +297,68 @@ def test_list_status_and_filters_show_containers(
             snap = json.loads(sub.stdout.splitlines()[0])
             assert {m["ns_id"] for m in snap["mounts"]} == {id1}, flag
     finally:
+        srv.stop()
+
+
+def test_a_namespace_found_later_is_announced_with_its_container(
+    cgroups: Cgroups, tmp_path: Path
+) -> None:
+    """Under --all-namespaces, a namespace made later (its process born in a docker
+    scope) comes as `resync` (reason `found`) naming its container, then its mounts; its
+    `end` names the container too, though no process is left to read it from."""
+    import anyio
+
+    from amountd.model import End, Event, Resync
+
+    from .multihelp import RawSub, Serve, kernel_table, ns_id_of, wait_for
+
+    scope = cgroups.make(f"system.slice/docker-{H1}.scope")
+    srv = Serve(tmp_path / "s.sock", "asyncio", "--all-namespaces").start()
+    late = None
+    try:
+
+        async def body() -> None:
+            nonlocal late
+            sub = await RawSub.open(srv.sock, fmt="json")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sub.run)
+                # Born in the scope: the server cannot meet it outside.
+                late = subprocess.Popen(
+                    [
+                        "sh",
+                        "-c",
+                        f'echo $$ > "{scope}/cgroup.procs" && '
+                        "exec unshare -m --propagation private sleep infinity",
+                    ]
+                )
+                await wait_for(lambda: ns_id_of(late.pid) != ns_id_of(os.getpid()), 10)
+                late_id = ns_id_of(late.pid)
+                await wait_for(
+                    lambda: sub.ns_table(late_id) == kernel_table(late.pid), 30, "the new ns"
+                )
+                mine = [
+                    f
+                    for f in sub.frames
+                    if (isinstance(f, Resync) and f.ns_id == late_id)
+                    or (isinstance(f, Event) and f.mount.ns_id == late_id)
+                ]
+                first = mine[0]
+                assert isinstance(first, Resync) and first.reason == "found"
+                assert first.container is not None
+                assert (first.container.runtime, first.container.id) == ("docker", H1)
+                assert all(isinstance(f, Event) and f.via == "resync" for f in mine[1:])
+                late.kill()
+                late.wait()
+                await wait_for(lambda: bool(sub.ends(late_id)), 30, "its end")
+                [end] = [f for f in sub.frames if isinstance(f, End) and f.ns_id == late_id]
+                assert end.container == first.container
+                tg.cancel_scope.cancel()
+            await sub.aclose()
+
+        anyio.run(body)
+        assert "new mount namespace" in srv.text()
+    finally:
+        if late is not None and late.poll() is None:
+            late.kill()
+            late.wait()
         srv.stop()

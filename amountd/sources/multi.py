@@ -53,6 +53,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from msgspec.structs import replace
 
+from ..cgroups import container_of_pid
 from ..errors import AmountdError, NamespaceError, UsageError
 from ..model import End, Event, Mount, Resync, Via
 from ..ns import Namespace, _from_pid, _pids_by_inode, _walk, locate, resolve_ns
@@ -434,7 +435,11 @@ class MultiSource(Source):
         self._subs[sub.ns_id] = sub  # closed by close() from now on
         self._keys.setdefault(sub.ns_id, set())
         now = time.time()
-        burst: list[Change] = [
+        # `resync` (reason `found`) announces the namespace and what runs in it; its table
+        # follows as `mount` events learnt by reading it.
+        container = await anyio.to_thread.run_sync(container_of_pid, ns.pid)
+        burst: list[Change] = [Resync(seq=0, reason="found", ns_id=ns.ns_id, container=container)]
+        burst += [
             Event(seq=0, time=now, action="mount", via="resync", mount=m)
             for m in src.table.mounts()
         ]
