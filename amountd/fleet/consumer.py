@@ -18,9 +18,16 @@ import msgspec
 
 from ..errors import AmountdError
 from ..filter import Filter, filter_event, filter_mounts
-from ..model import Event, Frame, Mount, Resync, Snapshot, decode_json, encode_json
+from ..model import Event, Frame, Mount, Resync, Snapshot, decode_json
 from .kvread import read_bucket
-from .naming import MOUNTS_BUCKET, STREAM, decode_mount, host_subject, parse_key
+from .naming import (
+    MOUNTS_BUCKET,
+    STREAM,
+    decode_mount,
+    frame_payload,
+    host_subject,
+    parse_key,
+)
 
 __all__ = ["DEFAULT_URL", "FleetFrame", "fleet_json", "watch"]
 
@@ -36,8 +43,7 @@ class FleetFrame(msgspec.Struct, frozen=True):
 
 def fleet_json(f: FleetFrame) -> bytes:
     """The frame's JSON as `--json` prints it, with `"host"` added (no newline)."""
-    body = encode_json(f.frame)
-    return body[:-1] + b',"host":"' + f.host.encode() + b'"}'
+    return frame_payload(f.frame, f.host)
 
 
 def _check_loop() -> None:

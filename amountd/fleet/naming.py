@@ -41,6 +41,7 @@ __all__ = [
     "parse_key",
     "sanitize_host_id",
     "subject",
+    "with_host",
 ]
 
 STREAM = "AMOUNTD"
@@ -141,7 +142,12 @@ def kv_subject(bucket: str, key: str) -> str:
 
 def frame_payload(frame: Frame, host: str) -> bytes:
     """The frame's JSON as `--json` prints it (no newline), with `"host"` added last."""
-    body = encode_json(frame)
+    return with_host(encode_json(frame), host)
+
+
+def with_host(body: bytes, host: str) -> bytes:
+    """A frame's JSON object (no newline) with `"host"` added last (host IDs are
+    sanitised to [A-Za-z0-9_-]: nothing to escape)."""
     return body[:-1] + b',"host":"' + host.encode("ascii") + b'"}'
 
 

@@ -44,6 +44,7 @@ from .naming import (
     msg_id,
     sanitize_host_id,
     subject,
+    with_host,
 )
 
 if TYPE_CHECKING:
@@ -389,7 +390,7 @@ class Publisher:
             self.published += 1
 
     def _with_host(self, body: bytes) -> bytes:
-        return body[:-1] + b',"host":"' + self.host.encode() + b'"}'
+        return with_host(body, self.host)
 
     async def _chunk(self, chunk: bytes) -> None:
         mirror = self.mirror
