@@ -74,19 +74,10 @@ class ContainerLookup:
 
 def _pids_by_ns_id() -> dict[int, int]:
     """One process per mount namespace in /proc (the first found), by namespace ID."""
-    from .ns import mntns_id
+    from .ns import mntns_id, pids_by_inode
 
-    by_inode: dict[tuple[int, int], int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            st = os.stat(f"/proc/{name}/ns/mnt")
-        except OSError:
-            continue
-        by_inode.setdefault((st.st_dev, st.st_ino), int(name))
     out: dict[int, int] = {}
-    for pid in by_inode.values():
+    for pid in pids_by_inode().values():
         try:
             fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:

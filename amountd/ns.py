@@ -19,9 +19,12 @@ __all__ = [
     "find_pid",
     "locate",
     "mntns_id",
+    "namespace_of",
     "open_ns",
     "own_ns_id",
+    "pids_by_inode",
     "resolve_ns",
+    "walk_namespaces",
 ]
 
 NS_GET_NSTYPE = 0xB703
@@ -132,7 +135,7 @@ def _listed_ids() -> set[int]:
     try:
         ids = {i for i in (mntns_id(own),) if i is not None}
         for op in (c.NS_MNT_GET_PREV, c.NS_MNT_GET_NEXT):
-            ids.update(ns_id for _fd, ns_id in _walk(own, op))
+            ids.update(ns_id for _fd, ns_id in walk_namespaces(own, op))
     finally:
         os.close(own)
     return ids
@@ -176,7 +179,7 @@ def resolve_ns(spec: str | int | None) -> Namespace:
 _INFO = struct.Struct("<IIQ")
 
 
-def _walk(start: int, op: int) -> Iterator[tuple[int, int]]:
+def walk_namespaces(start: int, op: int) -> Iterator[tuple[int, int]]:
     """(fd, ns_id) of each namespace after (or before) `start`, in ID order; the caller
     must not keep the fds: an open namespace fd keeps the namespace alive."""
     cur = os.dup(start)
@@ -194,7 +197,8 @@ def _walk(start: int, op: int) -> Iterator[tuple[int, int]]:
         os.close(cur)
 
 
-def _pids_by_inode() -> dict[tuple[int, int], int]:
+def pids_by_inode() -> dict[tuple[int, int], int]:
+    """(dev, inode) of each mount namespace a process is in -> one such process."""
     out: dict[tuple[int, int], int] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -211,18 +215,18 @@ def all_namespaces() -> list[Namespace]:
     6.12+, which finds namespaces no process is in), else one per process in /proc."""
     from .kernel import consts as c
 
-    pids = _pids_by_inode()
+    pids = pids_by_inode()
     found: dict[int, Namespace] = {}
     own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(own)
         own_id = mntns_id(own)
         if own_id is not None:
-            found[st.st_ino] = _from_pid(pids.get((st.st_dev, st.st_ino)), st, own_id)
+            found[st.st_ino] = namespace_of(pids.get((st.st_dev, st.st_ino)), st, own_id)
             for op in (c.NS_MNT_GET_PREV, c.NS_MNT_GET_NEXT):
-                for fd, ns_id in _walk(own, op):
+                for fd, ns_id in walk_namespaces(own, op):
                     fst = os.fstat(fd)
-                    found[fst.st_ino] = _from_pid(pids.get((fst.st_dev, fst.st_ino)), fst, ns_id)
+                    found[fst.st_ino] = namespace_of(pids.get((fst.st_dev, fst.st_ino)), fst, ns_id)
     finally:
         os.close(own)
     if len(found) <= 1:  # no walk here (old kernel, or not allowed): processes only
@@ -235,7 +239,8 @@ def all_namespaces() -> list[Namespace]:
     return sorted(found.values(), key=lambda n: (n.ns_id or 0, n.inode))
 
 
-def _from_pid(pid: int | None, st: os.stat_result, ns_id: int) -> Namespace:
+def namespace_of(pid: int | None, st: os.stat_result, ns_id: int) -> Namespace:
+    """The namespace behind `st` (a stat of its file), with a process in it if known."""
     path = f"/proc/{pid}/ns/mnt" if pid is not None else None
     return Namespace(path=path, pid=pid, ns_id=ns_id, inode=st.st_ino, dev=st.st_dev)
 
@@ -249,7 +254,7 @@ def open_ns(ns: Namespace) -> int:
     own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for op in (c.NS_MNT_GET_PREV, c.NS_MNT_GET_NEXT):
-            for fd, ns_id in _walk(own, op):
+            for fd, ns_id in walk_namespaces(own, op):
                 if ns_id == ns.ns_id:
                     return os.dup(fd)
     finally:

@@ -56,7 +56,7 @@ from msgspec.structs import replace
 from ..cgroups import container_of_pid
 from ..errors import AmountdError, NamespaceError, UsageError
 from ..model import End, Event, Mount, Resync, Via
-from ..ns import Namespace, _from_pid, _pids_by_inode, _walk, locate, resolve_ns
+from ..ns import Namespace, locate, namespace_of, pids_by_inode, resolve_ns, walk_namespaces
 from ..ns import all_namespaces as list_namespaces
 from ..table import MountTable, apply, diff
 from . import arm_source
@@ -132,7 +132,7 @@ def scan_namespaces(seen: frozenset[int]) -> tuple[set[int], list[Namespace]]:
         if next(iter(ids)) not in seen:
             found.append((next(iter(ids)), os.fstat(own)))
         for op in (c.NS_MNT_GET_PREV, c.NS_MNT_GET_NEXT):
-            for fd, ns_id in _walk(own, op):
+            for fd, ns_id in walk_namespaces(own, op):
                 ids.add(ns_id)
                 if ns_id not in seen:
                     found.append((ns_id, os.fstat(fd)))
@@ -140,8 +140,8 @@ def scan_namespaces(seen: frozenset[int]) -> tuple[set[int], list[Namespace]]:
         os.close(own)
     if not found:
         return ids, []
-    pids = _pids_by_inode()
-    return ids, [_from_pid(pids.get((st.st_dev, st.st_ino)), st, ns_id) for ns_id, st in found]
+    pids = pids_by_inode()
+    return ids, [namespace_of(pids.get((st.st_dev, st.st_ino)), st, ns_id) for ns_id, st in found]
 
 
 class MultiSource(Source):
