@@ -313,7 +313,7 @@ def test_a_namespace_found_later_is_announced_with_its_container(
     from .multihelp import RawSub, Serve, kernel_table, ns_id_of, wait_for
 
     scope = cgroups.make(f"system.slice/docker-{H1}.scope")
-    srv = Serve(tmp_path / "s.sock", "asyncio", "--all-namespaces").start()
+    srv = Serve(tmp_path / "s.sock", "asyncio", "--all-namespaces", "--queue", "1000000").start()
     late = None
     try:
 
