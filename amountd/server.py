@@ -31,7 +31,6 @@ import select
 import signal
 import socket
 import ssl
-import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -49,21 +48,11 @@ from .accept import resilient
 from .access import scope_request, tcp_peer_uid
 from .broker import Broker, Subscription
 from .cgroups import ContainerLookup, container_of_pid
-from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
-from .config import PublishConfig
-from .errors import AmountdError, UsageError
-from .filter import Filter
+from .client import is_loopback, split_hostport
+from .constants import STOPPING
+from .errors import AmountdError
 from .interrupt import rearm
-from .limits import (
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_UID,
-    DEFAULT_STALL_TIMEOUT,
-    Connections,
-    Guesses,
-    RateLog,
-    effective_cap,
-    raise_nofile,
-)
+from .limits import Connections, Guesses, RateLog, effective_cap, raise_nofile
 from .model import End, Error, Event, Resync
 from .protocol import (
     ProtocolError,
@@ -75,140 +64,32 @@ from .protocol import (
     error_frame,
     frame_json,
 )
-from .render import human_path
+from .render import describe_filter
+from .serveconfig import ServeConfig, check_config
 from .service import Service
-from .snapcache import DEFAULT_SNAPSHOT_CACHE
 from .sockdir import bind_unix, precheck
 from .sources import Source
 from .sources.multi import open_watch, source_label
 from .table import MountTable, apply
+from .tokens import read_token
 
-__all__ = ["DEFAULT_SOCKET", "STOPPING", "ServeConfig", "check_config", "serve"]
+__all__ = ["ServeConfig", "Server", "check_config", "read_token", "serve"]
 
 log = logging.getLogger("amountd.server")
 
 _READ = 65536
 _HUP_CHECK = 1.0
 """Seconds between checks that a half-closed Unix peer has hung up completely."""
-TOKEN_MIN = 16
-"""The shortest token a server accepts (bytes, surrounding whitespace left out)."""
 KEEPALIVE = (60, 10, 6)
 """TCP keepalive: idle seconds before the first probe, seconds between probes, probes."""
 USER_TIMEOUT = 120.0
+"""TCP_USER_TIMEOUT: seconds sent data may go unacknowledged before the peer is dropped."""
 PROC_READERS = 8
 """Threads that may read /proc for connections at once: their fds come from the reserve
 (amountd.limits.FD_RESERVE) that connections never get."""
 REFUSING = 16
 """Over-cap connections told `too-many` at once; past that they are closed unanswered,
 so the refusals cannot take the fds the reserve keeps."""
-"""TCP_USER_TIMEOUT: seconds sent data may go unacknowledged before the peer is dropped."""
-
-
-class ServeConfig(msgspec.Struct, kw_only=True):
-    """What `amountd serve` was asked to do (the CLI's flags, or a caller's values)."""
-
-    unix: str | None = DEFAULT_SOCKET
-    socket_mode: int = 0o660
-    socket_group: str | None = None
-    tcp: str | None = None
-    token_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    ns: str | None = None
-    namespaces: list[str] | None = None
-    """Several namespaces (PIDs or namespace files; `--ns` given more than once)."""
-    all_namespaces: bool = False
-    """Every mount namespace, and new ones as they appear."""
-    source: str = "auto"
-    queue: int = 1024
-    ring: int = 65536
-    unlimited_queue: bool = False
-    request_timeout: float = 10.0
-    """A connection must send its request line within this many seconds."""
-    drain_timeout: float = 2.0
-    """On shutdown, how long subscribers get to receive `end` before being cut off."""
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    """Connections open at once, in all (lowered to what the fd limit allows)."""
-    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
-    """Connections open at once from one uid (or one address, for a remote peer)."""
-    stall_timeout: float = DEFAULT_STALL_TIMEOUT
-    """A subscriber that takes nothing for this long while frames wait is closed."""
-    snapshot_cache: int = DEFAULT_SNAPSHOT_CACHE
-    """Bytes of encoded snapshots kept for reuse."""
-    publish: PublishConfig | None = None
-    """`--publish`: every frame and the tables into NATS JetStream (amountd.fleet)."""
-
-
-def check_config(config: ServeConfig) -> None:
-    """Refuse, before opening anything, what cannot work or would be unsafe."""
-    if config.unix is None and config.tcp is None:
-        raise UsageError("nothing to listen on: give --unix PATH and/or --tcp HOST:PORT")
-    if config.queue < 1:
-        raise UsageError("--queue must be at least 1")
-    if config.ring < 0:
-        raise UsageError("--ring must not be negative")
-    if config.max_connections < 1 or config.max_connections_per_uid < 1:
-        raise UsageError("--max-connections and --max-connections-per-uid must be at least 1")
-    if not config.stall_timeout > 0:
-        raise UsageError("--stall-timeout must be more than 0 seconds")
-    if config.snapshot_cache < 0:
-        raise UsageError("--snapshot-cache must not be negative")
-    if config.all_namespaces and (config.ns is not None or config.namespaces):
-        raise UsageError("--ns and --all-namespaces exclude each other")
-    if config.publish is not None and config.publish.urls:
-        from .fleet.publisher import check_publish
-
-        check_publish(config.publish)
-    if not 0 <= config.socket_mode <= 0o777:
-        raise UsageError(f"bad socket mode {config.socket_mode:o}")
-    if (config.tls_cert is None) != (config.tls_key is None):
-        raise UsageError("TLS needs both --tls-cert and --tls-key")
-    if config.tcp is None:
-        if config.tls_cert is not None:
-            raise UsageError("--tls-cert/--tls-key apply to --tcp: give --tcp HOST:PORT too")
-        if config.token_file is not None:
-            raise UsageError(
-                "--token-file applies to --tcp (the Unix socket is guarded by its mode and "
-                "group): give --tcp HOST:PORT too"
-            )
-        return
-    host, _ = split_hostport(config.tcp)
-    if not is_loopback(host) and config.token_file is None:
-        raise UsageError(
-            f"--tcp {config.tcp} is reachable from other machines: give --token-file FILE "
-            "(every subscriber must then send its token), or listen on 127.0.0.1"
-        )
-
-
-def read_token(path: str, *, strict: bool = False) -> str:
-    """The shared secret, from a file (surrounding whitespace ignored).
-
-    `strict` (the server's own token): refuse a file that group or others may read, or
-    a secret shorter than TOKEN_MIN bytes, which a local user could read or guess."""
-    try:
-        with open(path, "rb") as f:
-            if strict:
-                mode = os.fstat(f.fileno()).st_mode
-                if mode & (stat.S_IRGRP | stat.S_IROTH):
-                    raise AmountdError(
-                        f"the token file {path} is readable by group or others (mode "
-                        f"{stat.S_IMODE(mode):04o}): chmod 600 {path}"
-                    )
-            raw = f.read()
-    except OSError as e:
-        raise AmountdError(f"cannot read the token file {path}: {e.strerror or e}") from None
-    try:
-        token = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise AmountdError(f"the token file {path} is not UTF-8 text") from None
-    if not token:
-        raise AmountdError(f"the token file {path} is empty: put a secret in it")
-    if strict and len(token.encode()) < TOKEN_MIN:
-        raise AmountdError(
-            f"the token in {path} is {len(token.encode())} bytes: use at least {TOKEN_MIN} "
-            f"(e.g. head -c 32 /dev/urandom | base64 > {path})"
-        )
-    return token
 
 
 def _group_id(name: str) -> int:
@@ -434,19 +315,19 @@ def _is_disconnect(exc: BaseException) -> bool:
     )
 
 
-def _describe(f: Filter) -> str:
-    if f.is_empty:
-        return ""
-    parts = []
-    if f.actions:
-        parts.append("actions " + ",".join(f.actions))
-    if f.fstypes:
-        parts.append("types " + ",".join(f.fstypes))
-    if f.under is not None:
-        parts.append("under " + human_path(f.under))
-    if f.namespaces is not None:
-        parts.append("namespaces " + (",".join(map(str, f.namespaces)) or "none"))
-    return ", " + ", ".join(parts)
+def bound_name(lst: _Listener) -> str:
+    """A listener as `status` shows it: TCP with the port it got (`--tcp HOST:0`)."""
+    if not lst.name.startswith(("tcp:", "tls:")):
+        return lst.name
+    inner = getattr(lst.listener, "listener", lst.listener)  # TLS wraps the TCP one
+    names = []
+    for one in getattr(inner, "listeners", [inner]):  # a name with v4 and v6 addresses
+        try:
+            host, port = one.extra(anyio.abc.SocketAttribute.local_address)[:2]
+        except (anyio.TypedAttributeLookupError, TypeError, ValueError):
+            return lst.name
+        names.append(f"{lst.name[:3]}://{f'[{host}]' if ':' in host else host}:{port}")
+    return ", ".join(names) or lst.name
 
 
 class _TLSListener(TLSListener):
@@ -694,7 +575,7 @@ class Server:
             req.format,
             ", snapshot" if req.snapshot else "",
             f", since {req.since}" if req.since is not None else "",
-            _describe(req.filter),
+            describe_filter(req.filter),
         )
         stalled: _Stalled | None = None
         try:
@@ -1034,7 +915,7 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
 
         try:
             # The metrics listener and the watchdog; READY=1 now that all is open.
-            async with service.running(server, src, listeners):
+            async with service.running(server, src, [bound_name(lst) for lst in listeners]):
                 await server.run(src, listeners, close_listeners)
         finally:
             await close_listeners()

@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
@@ -39,18 +39,20 @@ from .broker import Broker, Subscription
 from .config import Config, parse_hostport, reloadable
 from .errors import AmountdError
 from .filter import Filter, filter_event, filter_mounts
+from .limits import Connections
 from .logs import setup_logging
 from .metrics import Counter, Gauge, Metrics, serve_metrics
 from .model import End, Event, Mount, NamespaceStatus, Resync, Status, SubscriberStatus
 from .protocol import ProtocolError, StatusRequest, encode_frame
+from .render import describe_filter
+from .serveconfig import ServeConfig
 from .sources import Source
 from .table import MountTable, diff
 
 if TYPE_CHECKING:
     from .fleet.publisher import Publisher
-    from .server import ServeConfig, Server, _Listener
 
-__all__ = ["ServerMetrics", "Service", "serve_config"]
+__all__ = ["Served", "ServerMetrics", "Service", "serve_config"]
 
 log = logging.getLogger("amountd.service")
 
@@ -60,10 +62,34 @@ STATUS_EVERY = 10.0
 """Seconds between STATUS= updates under systemd when there is no watchdog to ride on."""
 
 
+class Served(Protocol):
+    """What the daemon's parts read of the server they run around (amountd.server.Server
+    is one): public, read-only, so this module needs no import of the server."""
+
+    @property
+    def config(self) -> ServeConfig: ...
+    @property
+    def broker(self) -> Broker: ...
+    @property
+    def table(self) -> MountTable: ...
+    @property
+    def limits(self) -> Connections: ...
+    @property
+    def socket_gid(self) -> int | None:
+        """The Unix socket's group: its members see every namespace."""
+
+    @property
+    def stop_reason(self) -> str: ...
+    @property
+    def too_many(self) -> int: ...
+    @property
+    def stalls(self) -> int: ...
+    @property
+    def token_failures(self) -> int: ...
+
+
 def serve_config(settings: Config) -> ServeConfig:
     """The server's settings from the file-and-flags ones (what `amountd serve` runs)."""
-    from .server import ServeConfig
-
     ns = list(settings.ns)
     return ServeConfig(
         unix=settings.unix,
@@ -101,7 +127,7 @@ class ServerMetrics(Metrics):
         self.queue_drops.fn = lambda: broker.stats().drops
         self.snapshot_cache_bytes.fn = lambda: broker.snapshot_cache.bytes
 
-    def attach_server(self, server: Server) -> None:
+    def attach_server(self, server: Served) -> None:
         """The connection counts and limits the server keeps (amountd.limits)."""
         self.attach(server.broker)
         limits = server.limits
@@ -190,7 +216,7 @@ class Service:
         self._peers: weakref.WeakKeyDictionary[Subscription, str] = weakref.WeakKeyDictionary()
         self._passed: list[socket.socket] = []
         self._stopping = False
-        self._server: Server | None = None
+        self._server: Served | None = None
         self._src: Source | None = None
         self.nats: Publisher | None = None
         """The NATS publisher (`--publish`; amountd.fleet), while serving."""
@@ -319,12 +345,12 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def running(
-        self, server: Server, src: Source, listeners: Iterable[_Listener]
+        self, server: Served, src: Source, listeners: Iterable[str]
     ) -> AsyncIterator[None]:
         """Around Server.run: the metrics listener and the watchdog; STOPPING=1 on the
         way out (if the signal handler has not sent it). Server.run calls `ready()`."""
         self._server, self._src = server, src
-        self.listeners = [_bound(lst) for lst in listeners]
+        self.listeners = list(listeners)
         async with anyio.create_task_group() as tg:
             if self.metrics is not None and self.metrics_addr is not None:
                 self.metrics.attach_server(server)
@@ -375,7 +401,7 @@ class Service:
 
     # --- SIGHUP -------------------------------------------------------------------------
 
-    def reload(self, server: Server) -> None:
+    def reload(self, server: Served) -> None:
         """Re-read the settings; apply the live keys, log the others. Never raises: a
         bad file keeps the running settings."""
         old = self.settings
@@ -407,7 +433,7 @@ class Service:
         self.settings = msgspec.structs.replace(old, **{k: getattr(new, k) for k in now})
         log.info("SIGHUP: applied %s", ", ".join(f"{k}={_show(getattr(new, k))}" for k in now))
 
-    def rescope(self, server: Server, scope: Filter | None) -> None:
+    def rescope(self, server: Served, scope: Filter | None) -> None:
         """A new server-wide filter: `resync`, then the events from the old view of the
         table to the new one, published in one go (no await: the table stays as of the
         last seq), so every subscriber's table follows without a reconnect."""
@@ -431,7 +457,7 @@ class Service:
 
     async def answer_status(
         self,
-        server: Server,
+        server: Served,
         stream: anyio.abc.ByteStream,
         req: StatusRequest,
         sock: socket.socket | None,
@@ -452,10 +478,9 @@ class Service:
         with contextlib.suppress(NotImplementedError):
             await stream.send_eof()
 
-    def status(self, server: Server) -> Status:
+    def status(self, server: Served) -> Status:
         """The state of the server now (one consistent view: no await in here)."""
-        from . import __version__
-        from .server import _describe
+        from .constants import __version__
         from .sources.multi import source_label
 
         broker = server.broker
@@ -489,7 +514,7 @@ class Service:
                     id=st.id,
                     peer=self._peers.get(subs[st.id], "?") if st.id in subs else "?",
                     format=st.format,
-                    filter=_describe(subs[st.id].request.filter).removeprefix(", ")
+                    filter=describe_filter(subs[st.id].request.filter).removeprefix(", ")
                     if st.id in subs
                     else "",
                     queued=st.queued,
@@ -503,7 +528,7 @@ class Service:
         )
 
     @staticmethod
-    def _namespaces(server: Server, src: Source) -> list[NamespaceStatus]:
+    def _namespaces(server: Served, src: Source) -> list[NamespaceStatus]:
         from .cgroups import container_of_pid
         from .sources.multi import MultiSource
 
@@ -530,21 +555,6 @@ def _sees_everything(sock: socket.socket | None, socket_gid: int | None) -> bool
         return tcp_peer_uid(sock) == 0
     except OSError:
         return False
-
-
-def _bound(lst: _Listener) -> str:
-    """A listener as `status` shows it: TCP with the port it got (`--tcp HOST:0`)."""
-    if not lst.name.startswith(("tcp:", "tls:")):
-        return lst.name
-    inner = getattr(lst.listener, "listener", lst.listener)  # TLS wraps the TCP one
-    names = []
-    for one in getattr(inner, "listeners", [inner]):  # a name with v4 and v6 addresses
-        try:
-            host, port = one.extra(anyio.abc.SocketAttribute.local_address)[:2]
-        except (anyio.TypedAttributeLookupError, TypeError, ValueError):
-            return lst.name
-        names.append(f"{lst.name[:3]}://{f'[{host}]' if ':' in host else host}:{port}")
-    return ", ".join(names) or lst.name
 
 
 def _show(value: object) -> str:

@@ -10,11 +10,11 @@ import argparse
 import sys
 from typing import Any
 
+from .cliargs import add_server_address, seconds, server_address
+from .constants import DEFAULT_CONFIG
 from .errors import UsageError
 
 __all__ = ["add_serve_flags", "add_status_command", "cmd_serve"]
-
-DEFAULT_CONFIG = "/etc/amountd/amountd.toml"  # = config.DEFAULT_CONFIG_PATH, not imported
 
 _SETTINGS = (
     "unix",
@@ -62,8 +62,6 @@ def _whole(text: str) -> int:
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     """What bounds a hostile or faulty client (amountd.limits, amountd.snapcache)."""
-    from .cli import _seconds
-
     g = p.add_argument_group("limits (each bounds what a local client can make the server hold)")
     g.add_argument(
         "--max-connections",
@@ -81,7 +79,7 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stall-timeout",
-        type=_seconds,
+        type=seconds,
         metavar="SECONDS",
         help="close a subscriber that reads nothing for SECONDS while frames wait for it, "
         "with an `error` frame, code stalled (default: 60)",
@@ -136,7 +134,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
 
-    from .cli import run
+    from .clirun import run
     from .config import Config, ConfigError, load_config, merge
     from .logs import setup_logging
     from .server import serve
@@ -184,9 +182,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_status_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    from .cli import _seconds
-    from .server_cli import add_server_address
-
     p = sub.add_parser(
         "status",
         parents=[common],
@@ -199,7 +194,7 @@ def add_status_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="the `status` frame as one JSON object")
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="give up after SECONDS (default: 10)",
@@ -208,8 +203,7 @@ def add_status_command(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .cli import run
-    from .server_cli import server_address
+    from .clirun import run
 
     url, token, ssl_context = server_address(args)
 

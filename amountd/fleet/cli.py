@@ -8,6 +8,7 @@ import argparse
 import sys
 from typing import IO, Any
 
+from ..cliargs import add_filters, filter_of, positive_int, seconds
 from ..errors import UsageError
 
 __all__ = ["add_fleet_command"]
@@ -16,8 +17,6 @@ _W_HOST = 12
 
 
 def add_fleet_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    from ..cli import _add_filters, _positive_int, _seconds
-
     p = sub.add_parser(
         "fleet",
         parents=[common],
@@ -39,9 +38,9 @@ def add_fleet_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "--snapshot", action="store_true", help="print every host's table first (from the bucket)"
     )
     p.add_argument("--json", action="store_true", help="one JSON frame per line, with `host`")
-    _add_filters(p, actions=True)
-    p.add_argument("--count", type=_positive_int, metavar="N", help="exit after N events")
-    p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
+    add_filters(p, actions=True)
+    p.add_argument("--count", type=positive_int, metavar="N", help="exit after N events")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS", help="exit after SECONDS")
     p.set_defaults(func=_cmd_fleet)
 
 
@@ -83,11 +82,11 @@ class FleetOutput:
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
-    from ..cli import _filter, run, run_until_signal
+    from ..clirun import run, run_until_signal
 
     if args.backend != "asyncio":
         raise UsageError("amountd fleet runs on asyncio only (nats-py): drop --backend trio")
-    flt = _filter(args)
+    flt = filter_of(args)
     out = FleetOutput(args.json)
 
     async def body() -> None:
