@@ -137,8 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .clirun import run
     from .config import Config, ConfigError, load_config, merge
     from .logs import setup_logging
-    from .server import serve
-    from .service import Service, serve_config
+    from .serve import Service, serve, serve_config
 
     overrides: dict[str, Any] = {name: getattr(args, name) for name in _SETTINGS}
     if overrides["log_level"] is None and args.debug:

@@ -1,22 +1,22 @@
 """What `amountd serve` was asked to do, and the checks made before anything opens.
 
-Its own module so that the daemon's parts (amountd.service) and the server read the
+Its own module so that the daemon's parts (amountd.serve.daemon) and the server read the
 same settings without importing each other."""
 
 from __future__ import annotations
 
 import msgspec
 
-from .client import is_loopback, split_hostport
-from .config import PublishConfig
-from .constants import DEFAULT_SOCKET
-from .errors import UsageError
-from .limits import (
+from ..client import is_loopback, split_hostport
+from ..config import PublishConfig
+from ..constants import DEFAULT_SOCKET
+from ..errors import UsageError
+from ..limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_STALL_TIMEOUT,
 )
-from .snapcache import DEFAULT_SNAPSHOT_CACHE
+from ..snapcache import DEFAULT_SNAPSHOT_CACHE
 
 __all__ = ["ServeConfig", "check_config"]
 
@@ -73,7 +73,7 @@ def check_config(config: ServeConfig) -> None:
     if config.all_namespaces and (config.ns is not None or config.namespaces):
         raise UsageError("--ns and --all-namespaces exclude each other")
     if config.publish is not None and config.publish.urls:
-        from .fleet.publisher import check_publish
+        from ..fleet.publisher import check_publish
 
         check_publish(config.publish)
     if not 0 <= config.socket_mode <= 0o777:

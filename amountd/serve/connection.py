@@ -1,20 +1,9 @@
-"""`amountd serve`: one source, one broker, and the listeners that subscribers connect to.
+"""One subscriber's connection, start to end: admission under the limits, the request
+line and its token, a `status` answer or a subscription, the chunks forwarded to the
+peer, a stalled or vanished peer noticed, and the close.
 
-A thin shell around the pure parts: the protocol parses requests and encodes frames,
-the broker numbers and fans out. Here: sockets, one task per connection, the pump that
-moves the source's batches into the broker, and the shutdown.
-
-- The broker takes snapshots from a table that must be as of the last published seq.
-  The server keeps that table itself, applying each event just before publishing it (a
-  consumer's invariant: every frame applied gives the kernel's table), so the pump can
-  publish a big batch (a drained kernel queue: thousands of events) in slices and let
-  the writers drain the subscribers' queues in between; otherwise one batch larger than
-  a queue would resync even the fastest subscriber.
-- A connection's failure is caught in its own task: it never touches the others, the
-  source, or the listeners.
-- Seqs start at the server's start time in microseconds, so they only grow across
-  restarts: a client resuming with a seq from an earlier run always gets `resync` and a
-  fresh `snapshot`, never another run's events under numbers it has already seen.
+A connection's failure is caught in its own task: it never touches the others, the
+source, or the listeners (amountd.serve.listeners accepts; amountd.serve.server runs).
 """
 
 from __future__ import annotations
@@ -23,38 +12,29 @@ import asyncio
 import contextlib
 import errno
 import functools
-import grp
 import logging
-import os
 import resource
 import select
-import signal
 import socket
 import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
 from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import msgspec
+import anyio.to_thread
 from anyio.abc import SocketAttribute
-from anyio.streams.tls import TLSListener, TLSStream
+from anyio.streams.tls import TLSStream
 
-from .accept import resilient
-from .access import scope_request, tcp_peer_uid
-from .broker import Broker, Subscription
-from .cgroups import ContainerLookup, container_of_pid
-from .client import is_loopback, split_hostport
-from .constants import STOPPING
-from .errors import AmountdError
-from .interrupt import rearm
-from .limits import Connections, Guesses, RateLog, effective_cap, raise_nofile
-from .model import End, Error, Event, Resync
-from .protocol import (
+from ..access import scope_request, tcp_peer_uid
+from ..broker import Broker, Subscription
+from ..client import is_loopback
+from ..limits import Connections, Guesses, RateLog, effective_cap
+from ..model import Error
+from ..protocol import (
     ProtocolError,
     Request,
     RequestReader,
@@ -64,18 +44,20 @@ from .protocol import (
     error_frame,
     frame_json,
 )
-from .render import describe_filter
-from .serveconfig import ServeConfig, check_config
-from .service import Service
-from .sockdir import bind_unix, precheck
-from .sources import Source
-from .sources.multi import open_watch, source_label
-from .table import MountTable, apply
-from .tokens import read_token
+from ..render import describe_filter
+from .config import ServeConfig
+from .daemon import Service
+from .listeners import Listener
 
-__all__ = ["ServeConfig", "Server", "check_config", "read_token", "serve"]
+__all__ = ["AnswerStatus", "Subscribers"]
 
-log = logging.getLogger("amountd.server")
+log = logging.getLogger("amountd.server")  # the name the daemon's log lines have always had
+
+AnswerStatus = Callable[
+    [anyio.abc.ByteStream, StatusRequest, socket.socket | None, bool], Awaitable[None]
+]
+"""Answers a `status` request (stream, request, raw socket, token given): the daemon's
+(amountd.serve.daemon.Service.answer_status, bound to the server)."""
 
 _READ = 65536
 _HUP_CHECK = 1.0
@@ -90,51 +72,6 @@ PROC_READERS = 8
 REFUSING = 16
 """Over-cap connections told `too-many` at once; past that they are closed unanswered,
 so the refusals cannot take the fds the reserve keeps."""
-
-
-def _group_id(name: str) -> int:
-    if name.isdigit():
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise AmountdError(f"no group named {name!r} (--socket-group)") from None
-
-
-def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise AmountdError(f"cannot load the TLS certificate {cert} / key {key}: {e}") from None
-    return ctx
-
-
-# --- the Unix socket -----------------------------------------------------------------
-
-
-def _bind_unix(path: str, mode: int, gid: int | None) -> tuple[socket.socket, int]:
-    """A listening socket at `path` with its mode and group set before anyone can connect,
-    in a directory no other user can write (amountd.sockdir)."""
-    return bind_unix(path, mode, gid)
-
-
-def _remove_socket(path: str, ino: int) -> None:
-    """Remove the socket file if it is still ours (a newer server may have replaced it)."""
-    try:
-        if os.lstat(path).st_ino == ino:
-            os.unlink(path)
-    except OSError:
-        pass
-
-
-# --- connections ----------------------------------------------------------------------
-
-
-class _Listener(msgspec.Struct, kw_only=True):
-    name: str
-    listener: Any
-    token: str | None
 
 
 class _Conn:
@@ -315,51 +252,23 @@ def _is_disconnect(exc: BaseException) -> bool:
     )
 
 
-def bound_name(lst: _Listener) -> str:
-    """A listener as `status` shows it: TCP with the port it got (`--tcp HOST:0`)."""
-    if not lst.name.startswith(("tcp:", "tls:")):
-        return lst.name
-    inner = getattr(lst.listener, "listener", lst.listener)  # TLS wraps the TCP one
-    names = []
-    for one in getattr(inner, "listeners", [inner]):  # a name with v4 and v6 addresses
-        try:
-            host, port = one.extra(anyio.abc.SocketAttribute.local_address)[:2]
-        except (anyio.TypedAttributeLookupError, TypeError, ValueError):
-            return lst.name
-        names.append(f"{lst.name[:3]}://{f'[{host}]' if ':' in host else host}:{port}")
-    return ", ".join(names) or lst.name
-
-
-class _TLSListener(TLSListener):
-    @staticmethod
-    async def handle_handshake_error(exc: BaseException, stream: anyio.abc.AnyByteStream) -> None:
-        """One log line, not a traceback: a failed handshake is the peer's problem."""
-        await anyio.aclose_forcefully(stream)
-        if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
-            raise exc
-        log.info("TLS handshake failed: %s", exc or type(exc).__name__)
-
-
-class Server:
-    """The listeners, the connections and the pump around one broker."""
+class Subscribers:
+    """The subscribers' side of one server: every connection, from accept to close,
+    within the limits (amountd.limits), and the counts `status` and the metrics show."""
 
     def __init__(
         self,
         config: ServeConfig,
         broker: Broker,
-        table: MountTable,
-        service: Service | None = None,
+        service: Service,
+        answer_status: AnswerStatus,
     ) -> None:
         self.config = config
         self.broker = broker
-        self.table = table
-        self.service = service if service is not None else Service()
-        """systemd, SIGHUP, metrics, status (amountd.service)."""
-        self.slice = max(1, min(256, config.queue // 4))
+        self.service = service
+        self._answer_status = answer_status
         self.conns: set[_Conn] = set()
         self._idle: anyio.Event | None = None
-        self.failure: BaseException | None = None
-        self.stop_reason = STOPPING
         self.socket_gid: int | None = None
         """The Unix socket's group: its members see every namespace (amountd.access)."""
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -379,84 +288,26 @@ class Server:
         """Subscribers closed as `stalled`."""
         self.token_failures = 0
 
-    # --- the source's side -------------------------------------------------------------
+    async def drain(self, timeout: float) -> None:
+        """After the last frame (`end`) is published: drop the connections that never
+        subscribed, and give the subscribers `timeout` seconds to take what is queued."""
+        for conn in list(self.conns):
+            if not conn.subscribed and conn.scope is not None:
+                conn.scope.cancel()
+        self._idle = anyio.Event()
+        if self.conns:
+            with anyio.move_on_after(timeout):
+                await self._idle.wait()
+        if self.conns:
+            log.info("%d subscribers did not take `end` in time: closing", len(self.conns))
 
-    async def pump(self, src: Source, done: anyio.CancelScope) -> None:
-        """Batches -> broker, in slices, each frame applied to our table and published
-        with no await in between (snapshots come from that table, as of the last seq)."""
-        # The server-wide filter and the counts (metrics, status) ride on publish.
-        publish = self.service.publisher(self.broker.publish)
-        stamp = self.service.stamp
-        table = self.table
-        step = self.slice
-        containers = ContainerLookup()  # what runs in each namespace, for resync/end
-        for ns in getattr(src, "namespaces", [src.ns]):
-            containers.hint(ns.ns_id, ns.pid)
-            if ns.ns_id is not None:
-                containers(ns.ns_id)
-        try:
-            async with aclosing(src.changes()) as batches:
-                async for batch in batches:
-                    stamp()
-                    for i, item in enumerate(batch, 1):
-                        frame = item
-                        if type(frame) is Event:
-                            apply(table, frame)
-                        elif isinstance(frame, (Resync, End)) and frame.ns_id is not None:
-                            frame = msgspec.structs.replace(
-                                frame, container=containers(frame.ns_id)
-                            )
-                        publish(frame)
-                        if isinstance(frame, End) and frame.ns_id is None:  # else: one of several
-                            log.info("the namespace ended (%s): stopping", frame.reason)
-                            done.cancel()
-                            return
-                        if i % step == 0:
-                            # Let the writers drain the queues: one batch can hold more
-                            # events than a subscriber's queue (the kernel's whole queue).
-                            await anyio.lowlevel.checkpoint()
-            log.error("the source stopped without an end: stopping")
-            self.stop_reason = f"{STOPPING}: the source stopped"
-        except Exception as e:
-            if isinstance(e, AmountdError):
-                log.error("the source failed: %s", e)  # noqa: TRY400 (its message says it all)
-            else:
-                log.exception("the source failed")
-            self.failure = e
-            self.stop_reason = f"{STOPPING}: {e}"
-        done.cancel()
-
-    async def signals(
-        self,
-        done: anyio.CancelScope,
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        try:
-            with anyio.open_signal_receiver(
-                signal.SIGINT, signal.SIGTERM, signal.SIGHUP
-            ) as received:
-                task_status.started()  # handled from here on (SIGHUP's default would kill us)
-                async for signum in received:
-                    if signum == signal.SIGHUP:
-                        self.service.reload(self)
-                        continue
-                    self.service.stopping(f"{signal.Signals(signum).name}: stopping")
-                    log.info("%s: stopping", signal.Signals(signum).name)
-                    done.cancel()
-                    return
-        finally:
-            rearm()  # the command's: a second signal while draining still exits 0
-
-    # --- the subscribers' side ---------------------------------------------------------
-
-    def handler(self, lst: _Listener) -> Callable[[anyio.abc.ByteStream], Any]:
+    def handler(self, lst: Listener) -> Callable[[anyio.abc.ByteStream], Any]:
         async def handle(stream: anyio.abc.ByteStream) -> None:
             await self.handle(stream, lst)
 
         return handle
 
-    async def handle(self, stream: anyio.abc.ByteStream, lst: _Listener) -> None:
+    async def handle(self, stream: anyio.abc.ByteStream, lst: Listener) -> None:
         """One connection, start to end; whatever happens stays in here."""
         conn = _Conn(_peer(stream))
         limits = self.limits
@@ -518,7 +369,7 @@ class Server:
                 self._idle.set()
             await anyio.aclose_forcefully(stream)
 
-    def _log_refusal(self, conn: _Conn, lst: _Listener, e: ProtocolError) -> None:
+    def _log_refusal(self, conn: _Conn, lst: Listener, e: ProtocolError) -> None:
         """At most one line a second per uid (or remote address), with the count of the
         refusals held back since its last line."""
         held = self.refusals.allow(conn.key, time.monotonic())
@@ -527,7 +378,7 @@ class Server:
         more = f" ({held} more refusals of {_who(conn.key)} since the last line)" if held else ""
         log.info("%s (%s): refused: %s: %s%s", conn.peer, lst.name, e.code, e.message, more)
 
-    async def _serve(self, stream: anyio.abc.ByteStream, lst: _Listener, conn: _Conn) -> None:
+    async def _serve(self, stream: anyio.abc.ByteStream, lst: Listener, conn: _Conn) -> None:
         try:
             req = await self._read_request(stream)
             try:
@@ -540,9 +391,7 @@ class Server:
                 raise
             if isinstance(req, StatusRequest):  # one `status` frame, then close
                 log.debug("%s (%s): status", conn.peer, lst.name)
-                await self.service.answer_status(
-                    self, stream, req, _raw_socket(stream), token=lst.token is not None
-                )
+                await self._answer_status(stream, req, _raw_socket(stream), lst.token is not None)
                 return
             try:
                 req = await anyio.to_thread.run_sync(  # who may see what; it may scan /proc
@@ -725,201 +574,3 @@ class Server:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
             pass
         sub.close()
-
-    # --- running -----------------------------------------------------------------------
-
-    async def run(
-        self,
-        src: Source,
-        listeners: list[_Listener],
-        close_listeners: Callable[[], Awaitable[None]],
-    ) -> None:
-        async with anyio.create_task_group() as conns:
-            async with anyio.create_task_group() as main:
-                await main.start(self.signals, main.cancel_scope)
-                main.start_soon(self.pump, src, main.cancel_scope)
-                for lst in listeners:
-                    # One that outlives EMFILE, ENFILE, ENOMEM (amountd.accept).
-                    listener = resilient(lst.listener, lst.name)
-                    main.start_soon(listener.serve, self.handler(lst), conns)
-                self.service.ready()  # READY=1: listening, and the signals are ours
-            # No more publishing. Close the listeners (and remove the socket file) first,
-            # so a reconnecting client finds nobody rather than a backlog closed under it,
-            # then say goodbye and drain.
-            await close_listeners()
-            if not self.broker.ended:
-                self.broker.publish(End(reason=self.stop_reason))
-            for conn in list(self.conns):
-                if not conn.subscribed and conn.scope is not None:
-                    conn.scope.cancel()
-            self._idle = anyio.Event()
-            if self.conns:
-                with anyio.move_on_after(self.config.drain_timeout):
-                    await self._idle.wait()
-            if self.conns:
-                log.info("%d subscribers did not take `end` in time: closing", len(self.conns))
-            conns.cancel_scope.cancel()
-
-
-async def _open_listeners(
-    config: ServeConfig, token: str | None, ssl_ctx: ssl.SSLContext | None, gid: int | None
-) -> tuple[list[_Listener], tuple[str, int] | None]:
-    listeners: list[_Listener] = []
-    unix: tuple[str, int] | None = None
-    try:
-        if config.unix is not None:
-            sock, ino = _bind_unix(config.unix, config.socket_mode, gid)
-            unix = (config.unix, ino)
-            unix_listener = await anyio.abc.SocketListener.from_socket(sock)
-            listeners.append(
-                _Listener(name=f"unix:{config.unix}", listener=unix_listener, token=None)
-            )
-            log.info("listening on unix:%s (mode %o)", config.unix, config.socket_mode)
-        if config.tcp is not None:
-            host, port = split_hostport(config.tcp)
-            try:
-                tcp: Any = await anyio.create_tcp_listener(local_host=host, local_port=port)
-            except OSError as e:
-                raise AmountdError(f"cannot listen on {config.tcp}: {e.strerror or e}") from None
-            scheme = "tls" if ssl_ctx is not None else "tcp"
-            for sub in getattr(tcp, "listeners", [tcp]):
-                addr = sub.extra(SocketAttribute.local_address)
-                h, p = addr[0], addr[1]
-                h = f"[{h}]" if ":" in h else h
-                log.info(
-                    "listening on %s://%s:%d%s", scheme, h, p, " (token required)" if token else ""
-                )
-            if ssl_ctx is not None:
-                tcp = _TLSListener(
-                    tcp,
-                    ssl_ctx,
-                    standard_compatible=False,
-                    handshake_timeout=config.request_timeout,
-                )
-            listeners.append(_Listener(name=f"{scheme}:{config.tcp}", listener=tcp, token=token))
-    except BaseException:
-        for lst in listeners:
-            await anyio.aclose_forcefully(lst.listener)
-        if unix is not None:
-            _remove_socket(*unix)
-        raise
-    return listeners, unix
-
-
-async def _passed_listeners(
-    socks: list[socket.socket],
-    config: ServeConfig,
-    token: str | None,
-    ssl_ctx: ssl.SSLContext | None,
-) -> list[_Listener]:
-    """The sockets systemd passed (amountd.socket), used as they are: their file, mode
-    and group are the socket unit's (never unlinked or chmod-ed here). A TCP one gets
-    the token and TLS that `--tcp` would."""
-    out: list[_Listener] = []
-    for sock in socks:
-        listener: Any = await anyio.abc.SocketListener.from_socket(sock)
-        if sock.family == socket.AF_UNIX:
-            where = sock.getsockname()
-            name = f"unix:{os.fsdecode(where) if where else '?'}"
-            out.append(_Listener(name=name, listener=listener, token=None))
-        else:
-            host, port = sock.getsockname()[:2]
-            if not is_loopback(host) and token is None:
-                await anyio.aclose_forcefully(listener)
-                raise AmountdError(
-                    f"systemd passed a TCP socket on {host}:{port}, which other machines can "
-                    "reach: set token_file (every subscriber must then send it), or listen "
-                    "on 127.0.0.1"
-                )
-            scheme = "tls" if ssl_ctx is not None else "tcp"
-            if ssl_ctx is not None:
-                listener = _TLSListener(
-                    listener,
-                    ssl_ctx,
-                    standard_compatible=False,
-                    handshake_timeout=config.request_timeout,
-                )
-            shown = f"[{host}]" if ":" in host else host
-            name = f"{scheme}://{shown}:{port}"
-            out.append(_Listener(name=name, listener=listener, token=token))
-        log.info("listening on %s (passed by systemd)", name)
-    return out
-
-
-async def serve(config: ServeConfig, service: Service | None = None) -> None:
-    """Serve one namespace until SIGINT/SIGTERM or until the namespace ends (several:
-    until every one of a fixed list has ended; all of them: until stopped).
-
-    `service` brings the daemon's side (settings to reload on SIGHUP, metrics; systemd
-    is spoken to either way). Raises AmountdError (UsageError for bad settings) for what
-    stops it from starting, and the source's failure if it fails while serving (after
-    telling subscribers).
-    """
-    check_config(config)
-    nofile = raise_nofile()  # 1,024 (a unit without LimitNOFILE=) is few for a server
-    cap = effective_cap(config.max_connections, nofile)
-    if cap < config.max_connections:
-        log.warning(
-            "at most %d connections (not %d): the fd limit is %d; raise LimitNOFILE=",
-            cap,
-            config.max_connections,
-            nofile,
-        )
-    service = service if service is not None else Service()
-    passed = service.passed_sockets()  # systemd's (socket activation): used, not bound
-    if config.unix is not None and all(s.family != socket.AF_UNIX for s in passed):
-        precheck(config.unix)  # its directory, a stale socket: before opening anything
-    token = read_token(config.token_file, strict=True) if config.token_file is not None else None
-    ssl_ctx = (
-        _ssl_context(config.tls_cert, config.tls_key)
-        if config.tls_cert is not None and config.tls_key is not None
-        else None
-    )
-    gid = _group_id(config.socket_group) if config.socket_group is not None else None
-    async with open_watch(
-        config.source,
-        ns=config.ns,
-        namespaces=config.namespaces,
-        all_namespaces=config.all_namespaces,
-        unlimited_queue=config.unlimited_queue,
-    ) as src:
-        # The table as of the last published frame: the source's own is as of the end
-        # of its latest batch, which the pump publishes in slices.
-        table = src.table.copy()
-        broker = Broker(
-            ring=config.ring,
-            queue=config.queue,
-            table=service.view(table.mounts),  # the server-wide filter applied
-            ns_id=src.ns_id,
-            source=source_label(src),
-            reason=src.reason,
-            snapshot_cache=config.snapshot_cache,
-            seq=time.time_ns() // 1000,  # above every earlier run's (see the module doc)
-            container=container_of_pid(src.ns.pid),  # one namespace (else ns is nowhere)
-        )
-        server = Server(config, broker, table, service)
-        listeners, unix = await _open_listeners(service.unpassed(config), token, ssl_ctx, gid)
-        listeners += await _passed_listeners(passed, config, token, ssl_ctx)
-        if unix is not None:
-            server.socket_gid = gid if gid is not None else os.lstat(unix[0]).st_gid
-        elif passed:
-            server.socket_gid = service.passed_unix_gid()
-        log.info("serving on %s", ", ".join(lst.name for lst in listeners))
-
-        async def close_listeners() -> None:
-            if unix is not None:
-                _remove_socket(*unix)
-            with anyio.CancelScope(shield=True):
-                for lst in listeners:
-                    await anyio.aclose_forcefully(lst.listener)
-
-        try:
-            # The metrics listener and the watchdog; READY=1 now that all is open.
-            async with service.running(server, src, [bound_name(lst) for lst in listeners]):
-                await server.run(src, listeners, close_listeners)
-        finally:
-            await close_listeners()
-        stats = broker.stats()
-        log.info("stopped after %d frames", stats.published)
-    if server.failure is not None:
-        raise server.failure

@@ -1,14 +1,15 @@
 """The daemon around `amountd serve`: systemd, SIGHUP reloads, metrics, and `status`.
 
-server.py moves frames; this is what a sysadmin's host expects of a service, kept
+amountd.serve.server moves frames; this is what a sysadmin's host expects of a service, kept
 apart so the server stays a thin shell and each part can be read on its own:
 
-- systemd (amountd.systemd): the sockets of `amountd.socket` are used instead of
+- systemd (amountd.serve.systemd): the sockets of `amountd.socket` are used instead of
   binding; READY=1 once the source is armed, the first table is built and the
   listeners are open; WATCHDOG=1 from a task on the event loop (a wedged loop misses
   it, which is the point); STOPPING=1 first thing on SIGTERM/SIGINT.
-- SIGHUP re-reads the settings: the live keys (amountd.config.LIVE_KEYS) apply at
-  once, the others are logged as needing a restart. No subscriber is dropped: a new
+- Signals: SIGTERM/SIGINT stop the server; SIGHUP re-reads the settings: the live
+  keys (amountd.config.LIVE_KEYS) apply at once, the others are logged as needing a
+  restart. No subscriber is dropped: a new
   server-wide `[filter]` is published as `resync` and the events that turn the old
   view into the new one, like any other resync.
 - Metrics are counted in `publish`, the one call per published frame: a type test
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 import weakref
@@ -33,24 +35,25 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from ..access import sees_all, tcp_peer_uid, unix_peer
+from ..broker import Broker, Subscription
+from ..config import Config, parse_hostport, reloadable
+from ..errors import AmountdError
+from ..filter import Filter, filter_event, filter_mounts
+from ..interrupt import rearm
+from ..limits import Connections
+from ..logs import setup_logging
+from ..metrics import Counter, Gauge, Metrics, serve_metrics
+from ..model import End, Event, Mount, NamespaceStatus, Resync, Status, SubscriberStatus
+from ..protocol import ProtocolError, StatusRequest, encode_frame
+from ..render import describe_filter
+from ..sources import Source
+from ..table import MountTable, diff
 from . import systemd
-from .access import sees_all, tcp_peer_uid, unix_peer
-from .broker import Broker, Subscription
-from .config import Config, parse_hostport, reloadable
-from .errors import AmountdError
-from .filter import Filter, filter_event, filter_mounts
-from .limits import Connections
-from .logs import setup_logging
-from .metrics import Counter, Gauge, Metrics, serve_metrics
-from .model import End, Event, Mount, NamespaceStatus, Resync, Status, SubscriberStatus
-from .protocol import ProtocolError, StatusRequest, encode_frame
-from .render import describe_filter
-from .serveconfig import ServeConfig
-from .sources import Source
-from .table import MountTable, diff
+from .config import ServeConfig
 
 if TYPE_CHECKING:
-    from .fleet.publisher import Publisher
+    from ..fleet.publisher import Publisher
 
 __all__ = ["Served", "ServerMetrics", "Service", "serve_config"]
 
@@ -63,8 +66,8 @@ STATUS_EVERY = 10.0
 
 
 class Served(Protocol):
-    """What the daemon's parts read of the server they run around (amountd.server.Server
-    is one): public, read-only, so this module needs no import of the server."""
+    """What the daemon's parts read of the server they run around (amountd.serve.server.
+    Server is one): public, read-only, so this module needs no import of the server."""
 
     @property
     def config(self) -> ServeConfig: ...
@@ -140,7 +143,7 @@ class ServerMetrics(Metrics):
 
     def attach_publisher(self, publisher: Publisher) -> None:
         """The NATS publisher's state, backlog and counts, read at scrape time."""
-        from .fleet.publisher import State
+        from ..fleet.publisher import State
 
         self.add(
             Gauge(
@@ -315,7 +318,7 @@ class Service:
         server, src = self._server, self._src
         if server is None or src is None:
             return "starting"
-        from .sources.multi import source_label
+        from ..sources.multi import source_label
 
         spaces = self._namespaces(server, src)
         mounts = sum(n.mounts for n in spaces)
@@ -370,7 +373,7 @@ class Service:
                 tg.start_soon(self._heartbeat, STATUS_EVERY, False)
             publish = server.config.publish
             if publish is not None and publish.urls:
-                from .fleet.publisher import Publisher
+                from ..fleet.publisher import Publisher
 
                 # Before the pump starts: the broker's seq is still the server's start.
                 self.nats = Publisher(
@@ -399,7 +402,31 @@ class Service:
         except Exception:
             log.exception("the NATS publisher failed; serving goes on without it")
 
-    # --- SIGHUP -------------------------------------------------------------------------
+    # --- signals and SIGHUP -------------------------------------------------------------
+
+    async def signals(
+        self,
+        server: Served,
+        done: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """SIGTERM/SIGINT cancel `done` (the server's main scope); SIGHUP reloads."""
+        try:
+            with anyio.open_signal_receiver(
+                signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+            ) as received:
+                task_status.started()  # handled from here on (SIGHUP's default would kill us)
+                async for signum in received:
+                    if signum == signal.SIGHUP:
+                        self.reload(server)
+                        continue
+                    self.stopping(f"{signal.Signals(signum).name}: stopping")
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    done.cancel()
+                    return
+        finally:
+            rearm()  # the command's: a second signal while draining still exits 0
 
     def reload(self, server: Served) -> None:
         """Re-read the settings; apply the live keys, log the others. Never raises: a
@@ -480,8 +507,8 @@ class Service:
 
     def status(self, server: Served) -> Status:
         """The state of the server now (one consistent view: no await in here)."""
-        from .constants import __version__
-        from .sources.multi import source_label
+        from ..constants import __version__
+        from ..sources.multi import source_label
 
         broker = server.broker
         stats = broker.stats()
@@ -529,8 +556,8 @@ class Service:
 
     @staticmethod
     def _namespaces(server: Served, src: Source) -> list[NamespaceStatus]:
-        from .cgroups import container_of_pid
-        from .sources.multi import MultiSource
+        from ..cgroups import container_of_pid
+        from ..sources.multi import MultiSource
 
         if not isinstance(src, MultiSource):
             c = container_of_pid(src.ns.pid)
