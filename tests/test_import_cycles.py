@@ -177,7 +177,24 @@ def test_client_commands_load_no_server_module(command: str) -> None:
     server_side = [
         m
         for m in loaded.split()
-        if m.split(".")[1:2]
-        in (["server"], ["service"], ["broker"], ["sources"], ["serve"], ["serveconfig"])
+        if m.split(".")[1:2] in (["server"], ["service"], ["broker"], ["sources"], ["serve"])
     ]
     assert not server_side, f"`amountd {command}` loaded {server_side}"
+
+
+SERVER_SIDE = ("amountd.serve", "amountd.broker", "amountd.sources")
+
+
+def test_client_commands_reach_no_server_module_even_lazily() -> None:
+    """Statically, through every import (lazy ones too): amountd.cli.remote (subscribe,
+    status) reaches no module of the server, the broker or the sources. (The kernel
+    shells it may reach: the CONTAINER column reads a process's cgroup.)"""
+    graph = import_graph(PACKAGE)
+    seen, todo = set(), ["amountd.cli.remote"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph[m])
+    bad = sorted(m for m in seen if m.startswith(SERVER_SIDE))
+    assert not bad, f"amountd.cli.remote reaches {bad}"

@@ -17,7 +17,7 @@ class Output:
     """Frames to stdout, one line each, flushed at once (a pipe reader sees them live)."""
 
     def __init__(self, json: bool, stream: IO[bytes] | None = None, view: Any = None) -> None:
-        from .model import encode_json
+        from ..model import encode_json
 
         self.json = json
         self.stream = stream if stream is not None else sys.stdout.buffer
@@ -25,9 +25,9 @@ class Output:
         self._encode = encode_json  # bound here: a frame's path is the hot path
         self._render: Any = None
         if not json:
-            from .cgroups import ContainerLookup
-            from .columns import DEFAULT_WATCH, View
-            from .render import Renderer
+            from ..cgroups import ContainerLookup
+            from ..columns import DEFAULT_WATCH, View
+            from ..render import Renderer
 
             if view is None:
                 view = View(DEFAULT_WATCH, with_notes=True)
@@ -49,7 +49,7 @@ class Output:
         if self.json:
             self._write(self._encode(frame) + b"\n")
             return
-        from .model import End, Ready, Resync
+        from ..model import End, Ready, Resync
 
         self.header()
         rows = self._render.lines(frame)
@@ -70,7 +70,7 @@ async def run_until_signal(body: Callable[[], Any], timeout: float | None) -> No
 
     import anyio
 
-    from .interrupt import rearm
+    from ..interrupt import rearm
 
     async with anyio.create_task_group() as tg:
 
@@ -91,7 +91,7 @@ async def run_until_signal(body: Callable[[], Any], timeout: float | None) -> No
 
 async def print_frames(frames: AsyncIterator[Any], out: Output, count: int | None) -> None:
     """Print frames until the stream ends or `count` events were printed."""
-    from .model import Event
+    from ..model import Event
 
     n = 0
     async for frame in frames:
@@ -113,7 +113,7 @@ def run(fn: Callable[[], Any], backend: str) -> None:
     """Run on the chosen loop; a task group's lone failure comes out as itself."""
     import anyio
 
-    from .interrupt import rearm
+    from ..interrupt import rearm
 
     try:
         anyio.run(fn, backend=backend)

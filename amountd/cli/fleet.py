@@ -1,6 +1,6 @@
 """`amountd fleet`: the rows of `amountd watch`, with a HOST column, for every host
-that publishes to NATS (`amountd serve --publish`). Registered by cli.build_parser();
-nats-py is imported only when the command runs."""
+that publishes to NATS (`amountd serve --publish`). Registered by
+amountd.cli.build_parser(); nats-py is imported only when the command runs."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import argparse
 import sys
 from typing import IO, Any
 
-from ..cliargs import add_filters, filter_of, positive_int, seconds
 from ..errors import UsageError
+from .args import add_filters, filter_of, positive_int, seconds
 
-__all__ = ["add_fleet_command"]
+__all__ = ["FleetOutput", "add_commands"]
 
 _W_HOST = 12
 
 
-def add_fleet_command(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add `fleet` to the `amountd` parser's subcommands."""
     p = sub.add_parser(
         "fleet",
         parents=[common],
@@ -57,9 +58,9 @@ class FleetOutput:
         self.stream.flush()
 
     def frame(self, f: Any) -> None:
+        from ..fleet.consumer import fleet_json
         from ..model import End, Event, Resync, Snapshot
         from ..render import HEADER, event_line, mount_line
-        from .consumer import fleet_json
 
         if self.json:
             self._write(fleet_json(f) + b"\n")
@@ -82,7 +83,7 @@ class FleetOutput:
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
-    from ..clirun import run, run_until_signal
+    from .run import run, run_until_signal
 
     if args.backend != "asyncio":
         raise UsageError("amountd fleet runs on asyncio only (nats-py): drop --backend trio")
@@ -90,8 +91,8 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     out = FleetOutput(args.json)
 
     async def body() -> None:
+        from ..fleet.consumer import DEFAULT_URL, watch
         from ..model import Event
-        from .consumer import DEFAULT_URL, watch
 
         n = 0
         async with watch(

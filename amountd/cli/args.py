@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .constants import DEFAULT_SOCKET
-from .errors import AmountdError, UsageError
+from ..constants import DEFAULT_SOCKET
+from ..errors import AmountdError, UsageError
+from .constants import COLUMN_NAMES, FILTER_FLAGS
 
 __all__ = [
-    "COLUMN_NAMES",
     "Parser",
     "add_common",
     "add_filters",
@@ -113,29 +113,6 @@ def add_source(p: argparse.ArgumentParser) -> None:
     )
 
 
-COLUMN_NAMES = [
-    "ACTION",
-    "TARGET",
-    "SOURCE",
-    "FSTYPE",
-    "OPTIONS",
-    "VFS-OPTIONS",
-    "FS-OPTIONS",
-    "PROPAGATION",
-    "ID",
-    "UNIQ-ID",
-    "PARENT",
-    "OLD-TARGET",
-    "OLD-OPTIONS",
-    "NS",
-    "PID",
-    "COMM",
-    "TIME",
-    "CONTAINER",
-]
-"""amountd.columns.COLUMNS's names, here so that --help does not import msgspec."""
-
-
 def add_output_flags(p: argparse.ArgumentParser, *, tree: bool = False) -> None:
     """findmnt's output flags: -o/--output, -n, -r, -P (and list's --tree)."""
     p.add_argument(
@@ -164,7 +141,7 @@ def add_output_flags(p: argparse.ArgumentParser, *, tree: bool = False) -> None:
 
 def make_view(args: argparse.Namespace, default: Sequence[str], stream: Any = None) -> Any:
     """The columns and style asked for, fitted to stdout if it is a terminal."""
-    from .columns import Style, View, parse_columns
+    from ..columns import Style, View, parse_columns
 
     try:
         columns = parse_columns(getattr(args, "output", None), default)
@@ -198,14 +175,11 @@ def make_view(args: argparse.Namespace, default: Sequence[str], stream: Any = No
     )
 
 
-_FILTER_FLAGS = {"actions": "--action", "fstypes": "-t/--types", "under": "--under"}
-
-
 def filter_of(args: argparse.Namespace) -> Any:
     """The filter flags as a Filter; UsageError naming the flag for anything that is
     not one (an empty value too: `--action ""` is a mistake, not "every action")."""
-    from .filter import Filter, FilterError, parse_actions, parse_types
-    from .model import fspath
+    from ..filter import Filter, FilterError, parse_actions, parse_types
+    from ..model import fspath
 
     action = getattr(args, "action", None)
     try:
@@ -217,7 +191,7 @@ def filter_of(args: argparse.Namespace) -> Any:
     try:
         return Filter(actions=actions, fstypes=types, under=under)
     except FilterError as e:
-        raise UsageError(f"bad {_FILTER_FLAGS.get(e.field, e.field)}: {e.reason}") from None
+        raise UsageError(f"bad {FILTER_FLAGS.get(e.field, e.field)}: {e.reason}") from None
 
 
 def _count(text: str, *, minimum: int) -> int:
@@ -248,7 +222,7 @@ def socket_path(text: str) -> str:
 
 
 def hostport(text: str) -> str:
-    from .client import split_hostport
+    from ..client import split_hostport
 
     try:
         split_hostport(text)
@@ -292,7 +266,7 @@ def _uid(text: str) -> int:
 
 def server_address(args: argparse.Namespace) -> tuple[str, str | None, Any]:
     """(url, token, ssl context) from add_server_address's flags."""
-    from .tokens import read_token
+    from ..tokens import read_token
 
     if (args.tls or args.tls_ca) and args.tcp is None:
         raise UsageError("--tls/--tls-ca apply to --tcp HOST:PORT")

@@ -1,20 +1,14 @@
-"""The `amountd` command: list, watch, serve, subscribe (docs/protocol.md and the README).
-
-Heavy modules (anyio, the sources) are imported inside the commands, so `--help` and
-usage errors answer at once.
-"""
+"""`amountd list` and `amountd watch`: a namespace's table, and its changes, read here
+(no server), printed as findmnt does or as JSON frames."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Sequence
+from typing import Any
 
-from .cliargs import (
-    COLUMN_NAMES,
-    Parser,
-    add_common,
+from ..errors import AmountdError, UsageError
+from .args import (
     add_filters,
     add_ns,
     add_output_flags,
@@ -24,27 +18,12 @@ from .cliargs import (
     positive_int,
     seconds,
 )
-from .errors import AmountdError, UsageError
 
-__all__ = ["COLUMN_NAMES", "build_parser", "main"]
+__all__ = ["add_commands"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    top = Parser(add_help=False)
-    add_common(top)
-    common = Parser(add_help=False)  # the commands' copy of the global flags
-    add_common(common, defaults=False)
-    parser = Parser(
-        prog="amountd",
-        description="Follow Linux mount tables: fanotify mount events (Linux 6.15+) "
-        "or /proc/PID/mountinfo polling, as a command, a server, or a Python API.",
-        epilog="Exit status: 0 done (count reached, timeout, namespace ended, SIGINT/SIGTERM); "
-        "1 failure at run time; 2 bad usage.",
-        parents=[top],
-    )
-    parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add `list` and `watch` to the `amountd` parser's subcommands."""
     p = sub.add_parser(
         "list",
         parents=[common],
@@ -89,30 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_flags(p)
     p.set_defaults(func=_cmd_watch)
 
-    from .server_cli import add_commands
-
-    add_commands(sub, common)
-    from .fleet.cli import add_fleet_command
-
-    add_fleet_command(sub, common)
-    return parser
-
-
-def _version() -> str:
-    from .constants import __version__
-
-    return f"amountd {__version__}"
-
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .cgroups import container_of_pid
-    from .columns import DEFAULT_LIST
-    from .container import Container
-    from .filter import filter_mounts
-    from .model import Snapshot, encode_json
-    from .ns import all_namespaces, resolve_ns
-    from .render import list_lines
-    from .sources import read_table
+    from ..cgroups import container_of_pid
+    from ..columns import DEFAULT_LIST
+    from ..container import Container
+    from ..filter import filter_mounts
+    from ..model import Snapshot, encode_json
+    from ..ns import all_namespaces, resolve_ns
+    from ..render import list_lines
+    from ..sources import read_table
 
     if args.all_namespaces and args.ns:
         raise UsageError("--ns and --all-namespaces exclude each other")
@@ -154,11 +119,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_watch(args: argparse.Namespace) -> int:
     from contextlib import aclosing
 
-    from .api import frames_of
-    from .clirun import Output, print_frames, run, run_until_signal
-    from .columns import DEFAULT_WATCH
-    from .ns import resolve_ns
-    from .sources import open_source
+    from ..api import frames_of
+    from ..columns import DEFAULT_WATCH
+    from ..ns import resolve_ns
+    from ..sources import open_source
+    from .run import Output, print_frames, run, run_until_signal
 
     flt = filter_of(args)
     out = Output(args.json, view=None if args.json else make_view(args, DEFAULT_WATCH))
@@ -177,25 +142,3 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
     run(lambda: run_until_signal(body, args.timeout), args.backend)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .interrupt import arm
-
-    arm()  # before anything heavy: SIGINT/SIGTERM at any moment end us with status 0
-    args = build_parser().parse_args(argv)
-    try:
-        rc: int = args.func(args)
-    except AmountdError as e:
-        if args.debug:
-            raise
-        print(f"amountd: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:
-        # The reader went away (`amountd watch | head`): that is a normal end.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
-    return rc

@@ -1,120 +1,36 @@
-"""`amountd serve` and `amountd subscribe` (docs/protocol.md and the README).
+"""`amountd subscribe` and `amountd status`: clients of a running `amountd serve`
+(docs/protocol.md and the README).
 
-Registered by cli.build_parser(); like the rest of the CLI, the heavy modules are
-imported inside the commands so `--help` answers at once.
+The client side only: nothing here imports the server, the broker or the sources
+(tests/test_import_cycles.py checks it). Registered by amountd.cli.build_parser(); the
+heavy modules are imported inside the commands so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from .cliargs import (
+from ..errors import UsageError
+from .args import (
     add_filters,
     add_output_flags,
     add_server_address,
-    add_source,
     at_least_0,
     at_least_1,
     filter_of,
-    hostport,
     make_view,
     positive_int,
     seconds,
     server_address,
-    socket_path,
 )
-from .constants import DEFAULT_SOCKET
-from .errors import UsageError
-from .service_cli import add_serve_flags, add_status_command
 
 __all__ = ["add_commands"]
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add `serve` and `subscribe` to the `amountd` parser's subcommands."""
-    p = sub.add_parser(
-        "serve",
-        parents=[common],
-        help="serve mount changes to subscribers over a Unix socket (and TCP)",
-        description="Watch mount namespaces (one, several, or all) and serve their changes "
-        "to subscribers. "
-        "Subscribers speak first: one JSON line, e.g. "
-        '{"type":"subscribe","version":1,"format":"json","snapshot":true}',
-    )
-    p.add_argument(
-        "--unix",
-        metavar="PATH",
-        type=socket_path,
-        default=DEFAULT_SOCKET,
-        help=f"Unix socket to listen on (default: {DEFAULT_SOCKET})",
-    )
-    p.add_argument(
-        "--tcp",
-        metavar="HOST:PORT",
-        type=hostport,
-        help="also listen on TCP (an address other than loopback needs --token-file)",
-    )
-    p.add_argument(
-        "--ns",
-        metavar="PID|NSPATH",
-        action="append",
-        help="the mount namespace of process PID, or a namespace file (default: our own); "
-        "give it again to watch several",
-    )
-    p.add_argument(
-        "--all-namespaces",
-        action="store_true",
-        help="every mount namespace on the host, and new ones as they appear",
-    )
-    add_source(p)
-    p.add_argument(
-        "--queue",
-        type=at_least_1,
-        default=1024,
-        metavar="N",
-        help="frames a subscriber may fall behind before it is resynced (default: 1024)",
-    )
-    p.add_argument(
-        "--ring",
-        type=at_least_0,
-        default=65536,
-        metavar="N",
-        help="recent events kept for resuming with `since` (default: 65536)",
-    )
-    p.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help='TCP subscribers must send this file\'s content as "token"',
-    )
-    p.add_argument("--tls-cert", metavar="FILE", help="serve TCP over TLS with this certificate")
-    p.add_argument("--tls-key", metavar="FILE", help="the TLS certificate's private key")
-    p.add_argument(
-        "--socket-group",
-        metavar="GROUP",
-        help="give the Unix socket to this group (mode 0660: its members may subscribe)",
-    )
-    p.add_argument(
-        "--unlimited-queue",
-        action="store_true",
-        help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
-    )
-    p.add_argument(
-        "--publish",
-        metavar="URL",
-        action="append",
-        help="also publish every event and the tables to NATS JetStream at URL "
-        "(nats://HOST:PORT; again for a cluster; asyncio only); see [publish] in the settings",
-    )
-    p.add_argument(
-        "--host-id",
-        metavar="NAME",
-        help="this host's name in NATS subjects and keys (default: the machine ID's first "
-        "12 hex digits, else the host name; only [A-Za-z0-9_-] is kept)",
-    )
-    add_serve_flags(p)  # --config, --metrics, --log-*; every settings flag defaults to None
-    p.set_defaults(func=_cmd_serve)
-
+    """Add `subscribe` and `status` to the `amountd` parser's subcommands."""
     p = sub.add_parser(
         "subscribe",
         parents=[common],
@@ -189,23 +105,16 @@ def subscribe_scope(args: argparse.Namespace, flt: Any) -> Any:
     return msgspec.structs.replace(flt, **changes) if changes else flt
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    # The settings file, the flags over it, logging, SIGHUP: amountd.service_cli.
-    from .service_cli import cmd_serve
-
-    return cmd_serve(args)
-
-
 def _cmd_subscribe(args: argparse.Namespace) -> int:
-    from .clirun import Output, print_frames, run, run_until_signal
-    from .columns import DEFAULT_WATCH
+    from ..columns import DEFAULT_WATCH
+    from .run import Output, print_frames, run, run_until_signal
 
     url, token, ssl_context = server_address(args)
     flt = subscribe_scope(args, filter_of(args))
     out = Output(args.json, view=None if args.json else make_view(args, DEFAULT_WATCH))
 
     async def body() -> None:
-        from .client import connect
+        from ..client import connect
 
         async with connect(
             url,
@@ -222,4 +131,52 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
             await print_frames(frames, out, args.count)
 
     run(lambda: run_until_signal(body, args.timeout), args.backend)
+    return 0
+
+
+def add_status_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`amountd status`: one `status` frame from a running server."""
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="show a running server's state",
+        description="Ask a running `amountd serve` for its state: its source and "
+        "namespaces, its subscribers and how far behind each is, the sequence number, "
+        "counts and uptime. For root, members of the socket's group, and token holders.",
+    )
+    add_server_address(p)
+    p.add_argument("--json", action="store_true", help="the `status` frame as one JSON object")
+    p.add_argument(
+        "--timeout",
+        type=seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up after SECONDS (default: 10)",
+    )
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .run import run
+
+    url, token, ssl_context = server_address(args)
+
+    async def body() -> None:
+        from ..model import encode_json
+        from ..status import format_status, query_status
+
+        st = await query_status(
+            url,
+            token=token,
+            ssl_context=ssl_context,
+            timeout=args.timeout,
+            server_uid=args.server_uid,
+        )
+        if args.json:
+            sys.stdout.buffer.write(encode_json(st) + b"\n")
+        else:
+            sys.stdout.write(format_status(st) + "\n")
+        sys.stdout.flush()
+
+    run(body, args.backend)
     return 0
