@@ -1,4 +1,5 @@
-"""No import cycle inside amountd/, and the client commands load no server module.
+"""No import cycle inside amountd/, no import up a layer (docs/architecture.md, "Who
+may import whom"), and the client commands load no server module.
 
 The graph counts every import statement wherever it is: at module level, inside a
 function (a lazy import is still a dependency, it only runs later), and under
@@ -157,6 +158,85 @@ def test_the_checker_sees_lazy_and_type_only_cycles(tmp_path: Path) -> None:
         ("pkg.c", "pkg.d", "pkg.c"),
         ("pkg.e", "pkg.sub", "pkg.sub.leaf", "pkg.e"),
     }
+
+
+LAYERS: list[tuple[str, ...]] = [
+    # 0. leaves
+    ("constants", "errors", "interrupt", "kernel.consts", "kernel.errors", "cli.constants"),
+    # 1. the pure core
+    (
+        "model",
+        "container",
+        "mountinfo",
+        "table",
+        "tracker",
+        "filter",
+        "columns",
+        "render",
+        "protocol",
+        "limits",
+        "snapcache",
+        "kernel.layouts",
+        "fleet.naming",
+        "fleet.mirror",
+    ),
+    # 2. shells over the kernel, the host and the loop
+    (
+        "kernel",
+        "kernel.syscalls",
+        "loop",
+        "ns",
+        "cgroups",
+        "access",
+        "sockdir",
+        "accept",
+        "tokens",
+        "stream",
+        "logs",
+        "metrics",
+        "config",
+    ),
+    # 3. sources (the package and everything in it)
+    ("sources", "sources.*"),
+    # 4. fan-out and clients
+    ("broker", "api", "client", "status", "fleet", "fleet.*"),
+    # 5. the server
+    ("serve", "serve.*"),
+    # 6. entry points
+    ("cli", "cli.*", "completion", "__main__", ""),
+]
+"""docs/architecture.md's layers, by name under amountd ("" is the package itself;
+"x.*" is every module under x). A module named on its own wins over its package's "x.*"
+(amountd.fleet.naming is pure, the rest of amountd.fleet is not)."""
+
+
+def layer_of(module: str) -> int | None:
+    name = module.removeprefix("amountd").removeprefix(".")
+    for i, names in enumerate(LAYERS):
+        if name in names:
+            return i
+    for i, names in enumerate(LAYERS):
+        if any(n.endswith(".*") and name.startswith(n[:-1]) for n in names):
+            return i
+    return None
+
+
+def test_every_module_has_a_layer() -> None:
+    lost = sorted(m for m in modules(PACKAGE) if layer_of(m) is None)
+    assert not lost, (
+        f"{lost} belong to no layer: add each to docs/architecture.md and to LAYERS here"
+    )
+
+
+def test_no_module_imports_up_a_layer() -> None:
+    graph = import_graph(PACKAGE)
+    up = sorted(
+        f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+        for m, targets in graph.items()
+        for t in targets
+        if (lm := layer_of(m)) is not None and (lt := layer_of(t)) is not None and lt > lm
+    )
+    assert not up, "imports up a layer (docs/architecture.md):\n" + "\n".join(up)
 
 
 @pytest.mark.parametrize("command", ["subscribe", "status"])
