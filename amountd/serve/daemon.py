@@ -66,8 +66,8 @@ STATUS_EVERY = 10.0
 
 
 class Served(Protocol):
-    """What the daemon's parts read of the server they run around (amountd.serve.server.
-    Server is one): public, read-only, so this module needs no import of the server."""
+    """What the daemon's parts read of the server they run around: public and read-only,
+    so this module needs no import of the server (amountd.serve.server.Server is one)."""
 
     @property
     def config(self) -> ServeConfig: ...
