@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "amountd").is_dir())
+"""The repository's root (found upwards, so this file may move to tests/unit/)."""
 PACKAGE = ROOT / "amountd"
 
 
