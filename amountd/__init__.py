@@ -29,8 +29,7 @@ if _argv0 == "-m" or _argv0.rsplit("/", 1)[-1] == "amountd":
 
 from typing import TYPE_CHECKING, Any  # noqa: E402 (after the signals)
 
-__version__ = "0.1.0"
-DEFAULT_SOCKET = "/run/amountd/amountd.sock"  # where `serve` listens and clients look
+from .constants import DEFAULT_SOCKET, __version__  # noqa: E402, F401 (a leaf: no cycle)
 
 __all__ = [
     "DEFAULT_SOCKET",

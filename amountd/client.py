@@ -33,7 +33,7 @@ import msgspec
 from anyio.abc import SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import DEFAULT_SOCKET
+from .constants import DEFAULT_SOCKET, STOPPING
 from .errors import AmountdError, UsageError
 from .filter import Filter
 from .model import End, Error, Event, Frame, Resync, Snapshot
@@ -50,15 +50,12 @@ __all__ = [
     "Endpoint",
     "connect",
     "is_loopback",
+    "open_stream",
     "parse_url",
     "split_hostport",
 ]
 
 log = logging.getLogger("amountd.client")
-
-STOPPING = "server stopping"
-"""The start of the `end` reason a server sends when it stops (not when the namespace
-ends): a reconnecting client takes it as a drop, not as the end of the stream."""
 
 CONNECT_TIMEOUT = 10.0
 _READ = 65536
@@ -145,7 +142,7 @@ def parse_url(url: str) -> Endpoint:
 # --- connecting ------------------------------------------------------------------------
 
 
-async def _open(
+async def open_stream(
     ep: Endpoint, ssl_context: ssl.SSLContext | None, server_uid: int | None = None
 ) -> anyio.abc.ByteStream:
     """A connected stream, or ClientError saying what to do. A Unix socket's server
@@ -224,7 +221,7 @@ async def _open_and_request(
     req: SubscribeRequest,
     server_uid: int | None = None,
 ) -> anyio.abc.ByteStream:
-    stream = await _open(ep, ssl_context, server_uid)
+    stream = await open_stream(ep, ssl_context, server_uid)
     try:
         await stream.send(encode_request(req))
     except BaseException as e:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 import msgspec.toml
 
-from . import DEFAULT_SOCKET
+from .constants import DEFAULT_SOCKET
 from .errors import AmountdError, UsageError
 from .filter import Filter, FilterError, check_filter
 from .limits import (

@@ -23,6 +23,7 @@ from .columns import (
     tree_prefixes,
 )
 from .container import Container
+from .filter import Filter
 from .model import End, Event, Mount, Ready, Resync, Snapshot
 from .table import MountTable, parent_key
 
@@ -30,6 +31,7 @@ __all__ = [
     "HEADER",
     "LIST_HEADER",
     "Renderer",
+    "describe_filter",
     "event_line",
     "human_path",
     "list_lines",
@@ -179,3 +181,20 @@ def event_line(ev: Event) -> str:
 
 
 assert all(c in COLUMNS for c in (*DEFAULT_LIST, *DEFAULT_WATCH))
+
+
+def describe_filter(f: Filter) -> str:
+    """A subscription's filter for a log line or `status`: ", types tmpfs, under /mnt"
+    (with its leading ", "), or "" for no filter."""
+    if f.is_empty:
+        return ""
+    parts = []
+    if f.actions:
+        parts.append("actions " + ",".join(f.actions))
+    if f.fstypes:
+        parts.append("types " + ",".join(f.fstypes))
+    if f.under is not None:
+        parts.append("under " + human_path(f.under))
+    if f.namespaces is not None:
+        parts.append("namespaces " + (",".join(map(str, f.namespaces)) or "none"))
+    return ", " + ", ".join(parts)

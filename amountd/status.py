@@ -10,7 +10,7 @@ import ssl
 
 import anyio
 
-from .client import ClientError, _open, parse_url
+from .client import ClientError, open_stream, parse_url
 from .model import Error, Frame, Status
 from .protocol import FrameReader, ProtocolError, StatusRequest, encode_request
 
@@ -31,7 +31,7 @@ async def query_status(
     server, refused, an older server that does not answer status requests, a Unix
     socket served by a uid other than root, ours or `server_uid`)."""
     ep = parse_url(url)
-    stream = await _open(ep, ssl_context, server_uid)
+    stream = await open_stream(ep, ssl_context, server_uid)
     reader = FrameReader("json")
     frames: list[Frame] = []
     try:

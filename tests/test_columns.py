@@ -158,7 +158,7 @@ def test_tree_like_findmnt() -> None:
 
 
 def test_help_names_every_column() -> None:
-    from amountd.cli import COLUMN_NAMES
+    from amountd.cli.constants import COLUMN_NAMES
     from amountd.columns import COLUMNS
 
     assert list(COLUMNS) == COLUMN_NAMES

@@ -42,7 +42,7 @@ from amountd.model import (
 )
 from amountd.ns import resolve_ns
 from amountd.protocol import Format, FrameReader
-from amountd.server import ServeConfig, serve
+from amountd.serve import ServeConfig, serve
 from amountd.sources.fanotify import read_kernel_table
 from amountd.table import MountTable, apply_frame
 

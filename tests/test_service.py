@@ -31,8 +31,7 @@ from amountd.filter import Filter, filter_mounts
 from amountd.model import End, Event, Frame, Mount, Ready, Resync, Snapshot, Status, fspath
 from amountd.ns import resolve_ns
 from amountd.protocol import FrameReader, SubscribeRequest
-from amountd.server import ServeConfig, Server
-from amountd.service import Service
+from amountd.serve import ServeConfig, Server, Service
 from amountd.sources.fanotify import read_kernel_table
 from amountd.table import MountTable, apply, apply_frame
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from amountd import systemd
+from amountd.serve import systemd
 
 # --------------------------------------------------------------------------- notify
 
@@ -199,7 +199,7 @@ def test_socket_for_refuses_a_socket_that_does_not_listen() -> None:
 CHILD = textwrap.dedent(
     """
     import fcntl, json, os, sys
-    from amountd.systemd import listen_fds, socket_for
+    from amountd.serve.systemd import listen_fds, socket_for
 
     fds = listen_fds()
     report = {

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..client import STOPPING
+from ..constants import STOPPING
 from ..errors import AmountdError, UsageError
 from ..model import End, Event, PublisherStatus, Ready, Resync, Snapshot, decode_json, encode_json
 from ..protocol import SubscribeRequest

@@ -1,6 +1,6 @@
 """`amountd fleet`: the rows of `amountd watch`, with a HOST column, for every host
-that publishes to NATS (`amountd serve --publish`). Registered by cli.build_parser();
-nats-py is imported only when the command runs."""
+that publishes to NATS (`amountd serve --publish`). Registered by
+amountd.cli.build_parser(); nats-py is imported only when the command runs."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import sys
 from typing import IO, Any
 
 from ..errors import UsageError
+from .args import add_filters, filter_of, positive_int, seconds
 
-__all__ = ["add_fleet_command"]
+__all__ = ["FleetOutput", "add_commands"]
 
 _W_HOST = 12
 
 
-def add_fleet_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    from ..cli import _add_filters, _positive_int, _seconds
-
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add `fleet` to the `amountd` parser's subcommands."""
     p = sub.add_parser(
         "fleet",
         parents=[common],
@@ -39,9 +39,9 @@ def add_fleet_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "--snapshot", action="store_true", help="print every host's table first (from the bucket)"
     )
     p.add_argument("--json", action="store_true", help="one JSON frame per line, with `host`")
-    _add_filters(p, actions=True)
-    p.add_argument("--count", type=_positive_int, metavar="N", help="exit after N events")
-    p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="exit after SECONDS")
+    add_filters(p, actions=True)
+    p.add_argument("--count", type=positive_int, metavar="N", help="exit after N events")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS", help="exit after SECONDS")
     p.set_defaults(func=_cmd_fleet)
 
 
@@ -58,9 +58,9 @@ class FleetOutput:
         self.stream.flush()
 
     def frame(self, f: Any) -> None:
+        from ..fleet.consumer import fleet_json
         from ..model import End, Event, Resync, Snapshot
         from ..render import HEADER, event_line, mount_line
-        from .consumer import fleet_json
 
         if self.json:
             self._write(fleet_json(f) + b"\n")
@@ -83,16 +83,16 @@ class FleetOutput:
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
-    from ..cli import _filter, run, run_until_signal
+    from .run import run, run_until_signal
 
     if args.backend != "asyncio":
         raise UsageError("amountd fleet runs on asyncio only (nats-py): drop --backend trio")
-    flt = _filter(args)
+    flt = filter_of(args)
     out = FleetOutput(args.json)
 
     async def body() -> None:
+        from ..fleet.consumer import DEFAULT_URL, watch
         from ..model import Event
-        from .consumer import DEFAULT_URL, watch
 
         n = 0
         async with watch(

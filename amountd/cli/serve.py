@@ -1,45 +1,20 @@
-"""`amountd serve`'s settings (file, flags, logging) and `amountd status`.
+"""`amountd serve`: its flags, the settings file under them, logging, and the run.
 
-Registered by server_cli.add_commands(); like the rest of the CLI, the heavy modules
-are imported inside the commands so `--help` answers at once.
+Registered by amountd.cli.build_parser(); the server (amountd.serve) and the other
+heavy modules are imported inside the command so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from .errors import UsageError
+from ..constants import DEFAULT_CONFIG, DEFAULT_SOCKET
+from ..errors import UsageError
+from .args import add_source, at_least_0, at_least_1, hostport, seconds, socket_path
+from .constants import SETTINGS
 
-__all__ = ["add_serve_flags", "add_status_command", "cmd_serve"]
-
-DEFAULT_CONFIG = "/etc/amountd/amountd.toml"  # = config.DEFAULT_CONFIG_PATH, not imported
-
-_SETTINGS = (
-    "unix",
-    "socket_group",
-    "tcp",
-    "token_file",
-    "tls_cert",
-    "tls_key",
-    "ns",
-    "all_namespaces",
-    "source",
-    "queue",
-    "ring",
-    "unlimited_queue",
-    "max_connections",
-    "max_connections_per_uid",
-    "stall_timeout",
-    "snapshot_cache",
-    "metrics",
-    "metrics_public",
-    "log_level",
-    "log_format",
-)
-"""The serve flags that are also settings-file keys (amountd.config.Config)."""
-
+__all__ = ["add_commands", "add_serve_flags", "cmd_serve"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -62,8 +37,6 @@ def _whole(text: str) -> int:
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     """What bounds a hostile or faulty client (amountd.limits, amountd.snapcache)."""
-    from .cli import _seconds
-
     g = p.add_argument_group("limits (each bounds what a local client can make the server hold)")
     g.add_argument(
         "--max-connections",
@@ -81,7 +54,7 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stall-timeout",
-        type=_seconds,
+        type=seconds,
         metavar="SECONDS",
         help="close a subscriber that reads nothing for SECONDS while frames wait for it, "
         "with an `error` frame, code stalled (default: 60)",
@@ -93,6 +66,91 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
         help="encoded snapshots kept for reuse, at most (least recently used go first; "
         "K, M, G suffixes; default: 32M)",
     )
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add `serve` to the `amountd` parser's subcommands."""
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve mount changes to subscribers over a Unix socket (and TCP)",
+        description="Watch mount namespaces (one, several, or all) and serve their changes "
+        "to subscribers. "
+        "Subscribers speak first: one JSON line, e.g. "
+        '{"type":"subscribe","version":1,"format":"json","snapshot":true}',
+    )
+    p.add_argument(
+        "--unix",
+        metavar="PATH",
+        type=socket_path,
+        default=DEFAULT_SOCKET,
+        help=f"Unix socket to listen on (default: {DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--tcp",
+        metavar="HOST:PORT",
+        type=hostport,
+        help="also listen on TCP (an address other than loopback needs --token-file)",
+    )
+    p.add_argument(
+        "--ns",
+        metavar="PID|NSPATH",
+        action="append",
+        help="the mount namespace of process PID, or a namespace file (default: our own); "
+        "give it again to watch several",
+    )
+    p.add_argument(
+        "--all-namespaces",
+        action="store_true",
+        help="every mount namespace on the host, and new ones as they appear",
+    )
+    add_source(p)
+    p.add_argument(
+        "--queue",
+        type=at_least_1,
+        default=1024,
+        metavar="N",
+        help="frames a subscriber may fall behind before it is resynced (default: 1024)",
+    )
+    p.add_argument(
+        "--ring",
+        type=at_least_0,
+        default=65536,
+        metavar="N",
+        help="recent events kept for resuming with `since` (default: 65536)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help='TCP subscribers must send this file\'s content as "token"',
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TCP over TLS with this certificate")
+    p.add_argument("--tls-key", metavar="FILE", help="the TLS certificate's private key")
+    p.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="give the Unix socket to this group (mode 0660: its members may subscribe)",
+    )
+    p.add_argument(
+        "--unlimited-queue",
+        action="store_true",
+        help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
+    )
+    p.add_argument(
+        "--publish",
+        metavar="URL",
+        action="append",
+        help="also publish every event and the tables to NATS JetStream at URL "
+        "(nats://HOST:PORT; again for a cluster; asyncio only); see [publish] in the settings",
+    )
+    p.add_argument(
+        "--host-id",
+        metavar="NAME",
+        help="this host's name in NATS subjects and keys (default: the machine ID's first "
+        "12 hex digits, else the host name; only [A-Za-z0-9_-] is kept)",
+    )
+    add_serve_flags(p)  # --config, --metrics, --log-*; every settings flag defaults to None
+    p.set_defaults(func=cmd_serve)
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -130,19 +188,18 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="text (under systemd: journal priorities, no timestamps) or one JSON object "
         "a line (default: text)",
     )
-    p.set_defaults(**{name: None for name in _SETTINGS})
+    p.set_defaults(**{name: None for name in SETTINGS})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
 
-    from .cli import run
-    from .config import Config, ConfigError, load_config, merge
-    from .logs import setup_logging
-    from .server import serve
-    from .service import Service, serve_config
+    from ..config import Config, ConfigError, load_config, merge
+    from ..logs import setup_logging
+    from ..serve import Service, serve, serve_config
+    from .run import run
 
-    overrides: dict[str, Any] = {name: getattr(args, name) for name in _SETTINGS}
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in SETTINGS}
     if overrides["log_level"] is None and args.debug:
         overrides["log_level"] = "debug"
     # --tcp HOST:0 (any free port, logged) is fine on the command line, which checked
@@ -177,58 +234,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     service = Service(config, reload=settings)
     run(lambda: serve(serve_config(config), service), args.backend)
-    return 0
-
-
-# --- amountd status --------------------------------------------------------------------
-
-
-def add_status_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    from .cli import _seconds
-    from .server_cli import add_server_address
-
-    p = sub.add_parser(
-        "status",
-        parents=[common],
-        help="show a running server's state",
-        description="Ask a running `amountd serve` for its state: its source and "
-        "namespaces, its subscribers and how far behind each is, the sequence number, "
-        "counts and uptime. For root, members of the socket's group, and token holders.",
-    )
-    add_server_address(p)
-    p.add_argument("--json", action="store_true", help="the `status` frame as one JSON object")
-    p.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="give up after SECONDS (default: 10)",
-    )
-    p.set_defaults(func=_cmd_status)
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    from .cli import run
-    from .server_cli import server_address
-
-    url, token, ssl_context = server_address(args)
-
-    async def body() -> None:
-        from .model import encode_json
-        from .status import format_status, query_status
-
-        st = await query_status(
-            url,
-            token=token,
-            ssl_context=ssl_context,
-            timeout=args.timeout,
-            server_uid=args.server_uid,
-        )
-        if args.json:
-            sys.stdout.buffer.write(encode_json(st) + b"\n")
-        else:
-            sys.stdout.write(format_status(st) + "\n")
-        sys.stdout.flush()
-
-    run(body, args.backend)
     return 0

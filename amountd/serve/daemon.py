@@ -1,14 +1,15 @@
 """The daemon around `amountd serve`: systemd, SIGHUP reloads, metrics, and `status`.
 
-server.py moves frames; this is what a sysadmin's host expects of a service, kept
+amountd.serve.server moves frames; this is what a sysadmin's host expects of a service, kept
 apart so the server stays a thin shell and each part can be read on its own:
 
-- systemd (amountd.systemd): the sockets of `amountd.socket` are used instead of
+- systemd (amountd.serve.systemd): the sockets of `amountd.socket` are used instead of
   binding; READY=1 once the source is armed, the first table is built and the
   listeners are open; WATCHDOG=1 from a task on the event loop (a wedged loop misses
   it, which is the point); STOPPING=1 first thing on SIGTERM/SIGINT.
-- SIGHUP re-reads the settings: the live keys (amountd.config.LIVE_KEYS) apply at
-  once, the others are logged as needing a restart. No subscriber is dropped: a new
+- Signals: SIGTERM/SIGINT stop the server; SIGHUP re-reads the settings: the live
+  keys (amountd.config.LIVE_KEYS) apply at once, the others are logged as needing a
+  restart. No subscriber is dropped: a new
   server-wide `[filter]` is published as `resync` and the events that turn the old
   view into the new one, like any other resync.
 - Metrics are counted in `publish`, the one call per published frame: a type test
@@ -22,35 +23,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
+from ..access import sees_all, tcp_peer_uid, unix_peer
+from ..broker import Broker, Subscription
+from ..config import Config, parse_hostport, reloadable
+from ..errors import AmountdError
+from ..filter import Filter, filter_event, filter_mounts
+from ..interrupt import rearm
+from ..limits import Connections
+from ..logs import setup_logging
+from ..metrics import Counter, Gauge, Metrics, serve_metrics
+from ..model import End, Event, Mount, NamespaceStatus, Resync, Status, SubscriberStatus
+from ..protocol import ProtocolError, StatusRequest, encode_frame
+from ..render import describe_filter
+from ..sources import Source
+from ..table import MountTable, diff
 from . import systemd
-from .access import sees_all, tcp_peer_uid, unix_peer
-from .broker import Broker, Subscription
-from .config import Config, parse_hostport, reloadable
-from .errors import AmountdError
-from .filter import Filter, filter_event, filter_mounts
-from .logs import setup_logging
-from .metrics import Counter, Gauge, Metrics, serve_metrics
-from .model import End, Event, Mount, NamespaceStatus, Resync, Status, SubscriberStatus
-from .protocol import ProtocolError, StatusRequest, encode_frame
-from .sources import Source
-from .table import MountTable, diff
+from .config import ServeConfig
 
 if TYPE_CHECKING:
-    from .fleet.publisher import Publisher
-    from .server import ServeConfig, Server, _Listener
+    from ..fleet.publisher import Publisher
 
-__all__ = ["ServerMetrics", "Service", "serve_config"]
+__all__ = ["Served", "ServerMetrics", "Service", "serve_config"]
 
 log = logging.getLogger("amountd.service")
 
@@ -60,10 +65,34 @@ STATUS_EVERY = 10.0
 """Seconds between STATUS= updates under systemd when there is no watchdog to ride on."""
 
 
+class Served(Protocol):
+    """What the daemon's parts read of the server they run around: public and read-only,
+    so this module needs no import of the server (amountd.serve.server.Server is one)."""
+
+    @property
+    def config(self) -> ServeConfig: ...
+    @property
+    def broker(self) -> Broker: ...
+    @property
+    def table(self) -> MountTable: ...
+    @property
+    def limits(self) -> Connections: ...
+    @property
+    def socket_gid(self) -> int | None:
+        """The Unix socket's group: its members see every namespace."""
+
+    @property
+    def stop_reason(self) -> str: ...
+    @property
+    def too_many(self) -> int: ...
+    @property
+    def stalls(self) -> int: ...
+    @property
+    def token_failures(self) -> int: ...
+
+
 def serve_config(settings: Config) -> ServeConfig:
     """The server's settings from the file-and-flags ones (what `amountd serve` runs)."""
-    from .server import ServeConfig
-
     ns = list(settings.ns)
     return ServeConfig(
         unix=settings.unix,
@@ -101,7 +130,7 @@ class ServerMetrics(Metrics):
         self.queue_drops.fn = lambda: broker.stats().drops
         self.snapshot_cache_bytes.fn = lambda: broker.snapshot_cache.bytes
 
-    def attach_server(self, server: Server) -> None:
+    def attach_server(self, server: Served) -> None:
         """The connection counts and limits the server keeps (amountd.limits)."""
         self.attach(server.broker)
         limits = server.limits
@@ -114,7 +143,7 @@ class ServerMetrics(Metrics):
 
     def attach_publisher(self, publisher: Publisher) -> None:
         """The NATS publisher's state, backlog and counts, read at scrape time."""
-        from .fleet.publisher import State
+        from ..fleet.publisher import State
 
         self.add(
             Gauge(
@@ -190,7 +219,7 @@ class Service:
         self._peers: weakref.WeakKeyDictionary[Subscription, str] = weakref.WeakKeyDictionary()
         self._passed: list[socket.socket] = []
         self._stopping = False
-        self._server: Server | None = None
+        self._server: Served | None = None
         self._src: Source | None = None
         self.nats: Publisher | None = None
         """The NATS publisher (`--publish`; amountd.fleet), while serving."""
@@ -289,7 +318,7 @@ class Service:
         server, src = self._server, self._src
         if server is None or src is None:
             return "starting"
-        from .sources.multi import source_label
+        from ..sources.multi import source_label
 
         spaces = self._namespaces(server, src)
         mounts = sum(n.mounts for n in spaces)
@@ -319,12 +348,12 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def running(
-        self, server: Server, src: Source, listeners: Iterable[_Listener]
+        self, server: Served, src: Source, listeners: Iterable[str]
     ) -> AsyncIterator[None]:
         """Around Server.run: the metrics listener and the watchdog; STOPPING=1 on the
         way out (if the signal handler has not sent it). Server.run calls `ready()`."""
         self._server, self._src = server, src
-        self.listeners = [_bound(lst) for lst in listeners]
+        self.listeners = list(listeners)
         async with anyio.create_task_group() as tg:
             if self.metrics is not None and self.metrics_addr is not None:
                 self.metrics.attach_server(server)
@@ -344,7 +373,7 @@ class Service:
                 tg.start_soon(self._heartbeat, STATUS_EVERY, False)
             publish = server.config.publish
             if publish is not None and publish.urls:
-                from .fleet.publisher import Publisher
+                from ..fleet.publisher import Publisher
 
                 # Before the pump starts: the broker's seq is still the server's start.
                 self.nats = Publisher(
@@ -373,9 +402,33 @@ class Service:
         except Exception:
             log.exception("the NATS publisher failed; serving goes on without it")
 
-    # --- SIGHUP -------------------------------------------------------------------------
+    # --- signals and SIGHUP -------------------------------------------------------------
 
-    def reload(self, server: Server) -> None:
+    async def signals(
+        self,
+        server: Served,
+        done: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """SIGTERM/SIGINT cancel `done` (the server's main scope); SIGHUP reloads."""
+        try:
+            with anyio.open_signal_receiver(
+                signal.SIGINT, signal.SIGTERM, signal.SIGHUP
+            ) as received:
+                task_status.started()  # handled from here on (SIGHUP's default would kill us)
+                async for signum in received:
+                    if signum == signal.SIGHUP:
+                        self.reload(server)
+                        continue
+                    self.stopping(f"{signal.Signals(signum).name}: stopping")
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    done.cancel()
+                    return
+        finally:
+            rearm()  # the command's: a second signal while draining still exits 0
+
+    def reload(self, server: Served) -> None:
         """Re-read the settings; apply the live keys, log the others. Never raises: a
         bad file keeps the running settings."""
         old = self.settings
@@ -407,7 +460,7 @@ class Service:
         self.settings = msgspec.structs.replace(old, **{k: getattr(new, k) for k in now})
         log.info("SIGHUP: applied %s", ", ".join(f"{k}={_show(getattr(new, k))}" for k in now))
 
-    def rescope(self, server: Server, scope: Filter | None) -> None:
+    def rescope(self, server: Served, scope: Filter | None) -> None:
         """A new server-wide filter: `resync`, then the events from the old view of the
         table to the new one, published in one go (no await: the table stays as of the
         last seq), so every subscriber's table follows without a reconnect."""
@@ -431,7 +484,7 @@ class Service:
 
     async def answer_status(
         self,
-        server: Server,
+        server: Served,
         stream: anyio.abc.ByteStream,
         req: StatusRequest,
         sock: socket.socket | None,
@@ -452,11 +505,10 @@ class Service:
         with contextlib.suppress(NotImplementedError):
             await stream.send_eof()
 
-    def status(self, server: Server) -> Status:
+    def status(self, server: Served) -> Status:
         """The state of the server now (one consistent view: no await in here)."""
-        from . import __version__
-        from .server import _describe
-        from .sources.multi import source_label
+        from ..constants import __version__
+        from ..sources.multi import source_label
 
         broker = server.broker
         stats = broker.stats()
@@ -489,7 +541,7 @@ class Service:
                     id=st.id,
                     peer=self._peers.get(subs[st.id], "?") if st.id in subs else "?",
                     format=st.format,
-                    filter=_describe(subs[st.id].request.filter).removeprefix(", ")
+                    filter=describe_filter(subs[st.id].request.filter).removeprefix(", ")
                     if st.id in subs
                     else "",
                     queued=st.queued,
@@ -503,9 +555,9 @@ class Service:
         )
 
     @staticmethod
-    def _namespaces(server: Server, src: Source) -> list[NamespaceStatus]:
-        from .cgroups import container_of_pid
-        from .sources.multi import MultiSource
+    def _namespaces(server: Served, src: Source) -> list[NamespaceStatus]:
+        from ..cgroups import container_of_pid
+        from ..sources.multi import MultiSource
 
         if not isinstance(src, MultiSource):
             c = container_of_pid(src.ns.pid)
@@ -530,21 +582,6 @@ def _sees_everything(sock: socket.socket | None, socket_gid: int | None) -> bool
         return tcp_peer_uid(sock) == 0
     except OSError:
         return False
-
-
-def _bound(lst: _Listener) -> str:
-    """A listener as `status` shows it: TCP with the port it got (`--tcp HOST:0`)."""
-    if not lst.name.startswith(("tcp:", "tls:")):
-        return lst.name
-    inner = getattr(lst.listener, "listener", lst.listener)  # TLS wraps the TCP one
-    names = []
-    for one in getattr(inner, "listeners", [inner]):  # a name with v4 and v6 addresses
-        try:
-            host, port = one.extra(anyio.abc.SocketAttribute.local_address)[:2]
-        except (anyio.TypedAttributeLookupError, TypeError, ValueError):
-            return lst.name
-        names.append(f"{lst.name[:3]}://{f'[{host}]' if ':' in host else host}:{port}")
-    return ", ".join(names) or lst.name
 
 
 def _show(value: object) -> str:

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 
-from .errors import AmountdError
+from ..errors import AmountdError
 
 __all__ = [
     "SD_LISTEN_FDS_START",
@@ -32,7 +32,7 @@ __all__ = [
     "watchdog_interval",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("amountd.systemd")  # its name before the move to serve/
 
 SD_LISTEN_FDS_START = 3
 """The first passed fd: systemd hands sockets over as fds 3, 4, ... (sd_listen_fds(3))."""
