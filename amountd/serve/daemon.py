@@ -37,7 +37,7 @@ import anyio.to_thread
 
 from ..access import sees_all, tcp_peer_uid, unix_peer
 from ..broker import Broker, Subscription
-from ..config import Config, parse_hostport, reloadable
+from ..config import Config, apply_live, parse_hostport, reloadable
 from ..errors import AmountdError
 from ..filter import Filter, filter_event, filter_mounts
 from ..interrupt import rearm
@@ -449,15 +449,13 @@ class Service:
         if not now:
             log.info("SIGHUP: nothing to change now")
             return
-        import msgspec
-
         if "log_level" in now or "log_format" in now:
             setup_logging(new.log_level, new.log_format)
         if "queue" in now:
             server.broker.queue_limit = new.queue
         if "filter" in now:
             self.rescope(server, new.filter.to_filter())
-        self.settings = msgspec.structs.replace(old, **{k: getattr(new, k) for k in now})
+        self.settings = apply_live(old, new)
         log.info("SIGHUP: applied %s", ", ".join(f"{k}={_show(getattr(new, k))}" for k in now))
 
     def rescope(self, server: Served, scope: Filter | None) -> None:
