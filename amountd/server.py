@@ -49,8 +49,8 @@ from .accept import resilient
 from .access import scope_request, tcp_peer_uid
 from .broker import Broker, Subscription
 from .cgroups import ContainerLookup, container_of_pid
-from .client import DEFAULT_SOCKET, STOPPING, is_loopback, split_hostport
-from .config import PublishConfig
+from .client import DEFAULT_SOCKET, STOPPING, is_loopback
+from .config import PublishConfig, parse_hostport
 from .errors import AmountdError, UsageError
 from .filter import Filter
 from .interrupt import rearm
@@ -172,7 +172,7 @@ def check_config(config: ServeConfig) -> None:
                 "group): give --tcp HOST:PORT too"
             )
         return
-    host, _ = split_hostport(config.tcp)
+    host, _ = parse_hostport(config.tcp, port_zero=True)
     if not is_loopback(host) and config.token_file is None:
         raise UsageError(
             f"--tcp {config.tcp} is reachable from other machines: give --token-file FILE "
@@ -895,7 +895,7 @@ async def _open_listeners(
             )
             log.info("listening on unix:%s (mode %o)", config.unix, config.socket_mode)
         if config.tcp is not None:
-            host, port = split_hostport(config.tcp)
+            host, port = parse_hostport(config.tcp, port_zero=True)
             try:
                 tcp: Any = await anyio.create_tcp_listener(local_host=host, local_port=port)
             except OSError as e:

@@ -239,8 +239,20 @@ def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize("text", ["", "host:", "host:0", "host:65536", "::1:80", "h:x", "h:-1"])
 def test_parse_hostport_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="bad address"):
+    with pytest.raises(UsageError, match="bad address"):
         parse_hostport(text)
+
+
+def test_parse_hostport_strict_and_listening() -> None:
+    """URLs and `--tcp` name the host; a listener may ask for port 0."""
+    assert parse_hostport("0.0.0.0:7000", default_host=None) == ("0.0.0.0", 7000)
+    assert parse_hostport("[fe80::1]:1", default_host=None) == ("fe80::1", 1)
+    assert parse_hostport("127.0.0.1:0", port_zero=True) == ("127.0.0.1", 0)
+    for text in (":7000", "7000", "[]:7000"):
+        with pytest.raises(UsageError, match="expected HOST:PORT"):
+            parse_hostport(text, default_host=None)
+    with pytest.raises(UsageError, match="port 0"):
+        parse_hostport("h:0", default_host=None)
 
 
 # --------------------------------------------------------------------------- merge
