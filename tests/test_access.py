@@ -34,8 +34,9 @@ from amountd.model import Error, Event, Ready, Snapshot, decode_json
 from amountd.ns import own_ns_id
 from amountd.protocol import ProtocolError, SubscribeRequest, encode_request
 
-from .conftest import HAVE_TOOLS, ROOT, PrivateNs
-from .multihelp import Serve, kernel_table, ns_id_of
+from .conftest import MakeNs, PrivateNs
+from .multihelp import Serve
+from .nsharness import kernel_table, ns_id_of
 
 NOBODY = 65534
 
@@ -185,18 +186,11 @@ class Client:
 
 
 @pytest.fixture
-def two_ns(tmp_path: Path) -> Iterator[tuple[PrivateNs, PrivateNs]]:
-    if not (ROOT and HAVE_TOOLS) or shutil.which("setpriv") is None:
-        pytest.skip("needs root, util-linux (unshare, nsenter, setpriv) for private namespaces")
-    made = []
-    try:
-        for name in ("a", "b"):
-            (tmp_path / name).mkdir()
-            made.append(PrivateNs(tmp_path / name))
-        yield made[0], made[1]
-    finally:
-        for ns in made:
-            ns.close()
+def two_ns(make_ns: MakeNs) -> tuple[PrivateNs, PrivateNs]:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs util-linux setpriv to run a client as another uid")
+    a, b = make_ns(2)
+    return a, b
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import pytest
 from amountd.broker import Broker, Subscription
 from amountd.filter import Filter, filter_mounts
 from amountd.model import (
-    Action,
     End,
     Event,
     Frame,
@@ -26,6 +25,8 @@ from amountd.model import (
 from amountd.protocol import Format, FrameReader, SubscribeRequest
 from amountd.table import MountTable, apply_frame
 
+from .factories import event, mount
+
 pytestmark = pytest.mark.anyio
 
 
@@ -35,23 +36,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 def mnt(key: int, target: str, fstype: str = "tmpfs", options: str = "rw") -> Mount:
-    return Mount(
-        id=key,
-        legacy_id=key % 1000,
-        parent_id=1,
-        legacy_parent_id=1,
-        target=fspath(target),
-        root=fspath("/"),
-        source=fspath(fstype),
-        fstype=fstype,
-        options=options,
-        fs_options=fspath("rw"),
-        propagation="",
-    )
-
-
-def ev(action: Action, m: Mount, old: Mount | None = None) -> Event:
-    return Event(seq=0, time=1.0, action=action, via="fanotify", mount=m, old=old)
+    return mount(key, target, legacy_id=key % 1000, source=fstype, fstype=fstype, options=options)
 
 
 class Source:
@@ -69,11 +54,11 @@ class Source:
         return self.broker.publish(e)
 
     def mount(self, key: int, target: str, fstype: str = "tmpfs") -> int:
-        return self.emit(ev("mount", mnt(key, target, fstype)))
+        return self.emit(event("mount", mnt(key, target, fstype)))
 
     def umount(self, key: int) -> int:
         m = self.table[key]
-        return self.emit(ev("umount", m))
+        return self.emit(event("umount", m))
 
 
 def read_now(sub: Subscription) -> list[Frame]:
@@ -155,7 +140,7 @@ async def test_seq_only_grows_and_is_assigned() -> None:
     src = Source()
     assert src.broker.last_seq == 0
     sub = src.broker.subscribe()
-    e = msgspec.structs.replace(ev("mount", mnt(5, "/a")), seq=999)
+    e = msgspec.structs.replace(event("mount", mnt(5, "/a")), seq=999)
     assert src.emit(e) == 1
     assert e.seq == 999  # frames are frozen: the broker numbers a copy
     r = Resync(seq=0, reason="overflow")
@@ -329,7 +314,7 @@ async def test_filters() -> None:
     src.mount(3, "/srv/b")  # tmpfs under /srv
     src.mount(4, "/other", "ext4")
     moved = mnt(4, "/srv/c", "ext4")
-    src.emit(ev("move", moved, src.table[4]))  # into /srv: a mount for `under`
+    src.emit(event("move", moved, src.table[4]))  # into /srv: a mount for `under`
     src.umount(3)
 
     t = read_now(tmp)
@@ -353,7 +338,7 @@ async def test_filtered_subscribers_share_translated_frames() -> None:
     b = src.broker.subscribe(SubscribeRequest(filter=Filter(under=fspath("/in"))))
     read_now(a)
     read_now(b)
-    src.emit(ev("move", mnt(2, "/in/x"), src.table[2]))
+    src.emit(event("move", mnt(2, "/in/x"), src.table[2]))
     assert a._queue[0] is b._queue[0]
     ca, cb = a._collect(), b._collect()
     assert ca is cb
@@ -461,11 +446,11 @@ def random_op(rng: random.Random, src: Source, next_key: Callable[[], int]) -> N
         old = src.table[rng.choice(keys)]
         top = rng.choice("ab")
         new = mnt(old.key, f"/{top}/{old.key}", old.fstype or "tmpfs", old.options or "rw")
-        src.emit(ev("move", new, old))
+        src.emit(event("move", new, old))
     elif roll < 0.97:
         old = src.table[rng.choice(keys)]
         opts = "ro" if old.options == "rw" else "rw"
-        src.emit(ev("remount", mnt(old.key, old.target or "/", old.fstype or "", opts), old))
+        src.emit(event("remount", mnt(old.key, old.target or "/", old.fstype or "", opts), old))
     else:
         src.broker.publish(Resync(seq=0, reason="overflow"))
 
@@ -531,7 +516,7 @@ async def test_since_replay_is_filtered() -> None:
     src = Source()
     src.mount(2, "/a/x", "ext4")
     src.mount(3, "/b/y")
-    src.emit(ev("move", mnt(3, "/a/y"), src.table[3]))
+    src.emit(event("move", mnt(3, "/a/y"), src.table[3]))
     src.umount(2)
     sub = src.broker.subscribe(SubscribeRequest(since=0, filter=Filter(under=fspath("/a"))))
     frames = read_now(sub)

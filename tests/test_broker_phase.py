@@ -20,6 +20,8 @@ from amountd.broker import (
 from amountd.model import End, Event, Frame, Mount, Resync, Snapshot
 from amountd.protocol import FrameReader, SubscribeRequest
 
+from .factories import event, mount
+
 P, T = Phase, Trigger
 
 # Written out here, apart from the module's table: a change to either shows up.
@@ -63,11 +65,11 @@ def test_the_table_is_the_one_tested() -> None:
 
 
 def mnt(key: int) -> Mount:
-    return Mount(id=key, parent_id=1, target=f"/m{key}", fstype="tmpfs", options="rw")
+    return mount(key, f"/m{key}", ids="unique", full=False, options="rw")
 
 
 def ev(key: int) -> Event:
-    return Event(seq=0, time=1.0, action="mount", via="fanotify", mount=mnt(key))
+    return event("mount", mnt(key))
 
 
 def broker(*, queue: int = 4, ring: int = 64) -> Broker:

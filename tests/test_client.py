@@ -23,7 +23,7 @@ from amountd.client import (
 )
 from amountd.errors import UsageError
 from amountd.filter import Filter
-from amountd.model import End, Error, Event, Frame, Mount, Ready, Resync, Snapshot, fspath
+from amountd.model import Action, End, Error, Event, Frame, Mount, Ready, Resync, Snapshot, fspath
 from amountd.protocol import (
     Format,
     RequestReader,
@@ -33,6 +33,7 @@ from amountd.protocol import (
 )
 
 from .conftest import next_frames
+from .factories import event, mount
 
 # --- addresses (pure) -------------------------------------------------------------------
 
@@ -141,17 +142,11 @@ async def fake_server(path: Path, handler: Handler) -> AsyncIterator[FakeServer]
 
 
 def mnt(key: int, target: str = "/a") -> Mount:
-    return Mount(id=key, legacy_id=key, target=fspath(target), fstype="tmpfs", options="rw")
+    return mount(key, target, None, full=False, options="rw")
 
 
-def ev(seq: int, key: int = 100, action: str = "mount") -> Event:
-    return Event(
-        seq=seq,
-        time=1.0,
-        action=action,  # type: ignore[arg-type]
-        via="fanotify",
-        mount=mnt(key, f"/m{key}"),
-    )
+def ev(seq: int, key: int = 100, action: Action = "mount") -> Event:
+    return event(action, mnt(key, f"/m{key}"), seq=seq)
 
 
 READY = Ready(source="fanotify", ns_id=7)

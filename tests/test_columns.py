@@ -24,22 +24,11 @@ from amountd.container import Container
 from amountd.model import Event, Mount, fspath
 from amountd.render import Renderer, list_lines, tree_order
 
+from .factories import mount
+
 
 def _m(key: int, target: str, parent: int = 1, **kw: object) -> Mount:
-    base: dict[str, object] = {
-        "legacy_id": key,
-        "legacy_parent_id": parent,
-        "target": fspath(target),
-        "root": fspath("/"),
-        "source": fspath("src"),
-        "fstype": "tmpfs",
-        "options": "rw,relatime",
-        "fs_options": fspath("rw,size=4k"),
-        "propagation": "",
-        "ns_id": 7,
-    }
-    base.update(kw)
-    return Mount(**base)  # type: ignore[arg-type]
+    return mount(key, target, parent, ids="legacy", fs_options="rw,size=4k", ns_id=7, **kw)
 
 
 def test_parse_columns() -> None:

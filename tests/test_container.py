@@ -20,7 +20,7 @@ from amountd.container import Container, container_of_cgroup, parse_cgroup
 from amountd.filter import Filter
 from amountd.protocol import ProtocolError
 
-from .conftest import PrivateNs, run_cli
+from .conftest import MakeNs, PrivateNs, run_cli
 
 H1 = "3f" * 32
 H2 = "a1b2c3d4" * 8
@@ -174,16 +174,8 @@ def cgroups() -> Iterator[Cgroups]:
 
 
 @pytest.fixture
-def second_ns(tmp_path: Path) -> Iterator[PrivateNs]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a private namespace")
-    base = tmp_path / "scratch2"
-    base.mkdir()
-    ns = PrivateNs(base)
-    try:
-        yield ns
-    finally:
-        ns.close()
+def second_ns(make_ns: MakeNs) -> PrivateNs:
+    return make_ns(1)[0]
 
 
 def test_real_cgroups_name_each_runtime(cgroups: Cgroups, private_ns: PrivateNs) -> None:
@@ -215,7 +207,8 @@ def test_real_cgroups_name_each_runtime(cgroups: Cgroups, private_ns: PrivateNs)
 def test_list_status_and_filters_show_containers(
     cgroups: Cgroups, private_ns: PrivateNs, second_ns: PrivateNs, tmp_path: Path
 ) -> None:
-    from .multihelp import Serve, ns_id_of
+    from .multihelp import Serve
+    from .nsharness import ns_id_of
 
     cgroups.place(private_ns.pid, f"system.slice/docker-{H1}.scope")
     cgroups.place(second_ns.pid, f"machine.slice/libpod-{H2}.scope")

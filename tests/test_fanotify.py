@@ -14,16 +14,12 @@ import pytest
 from amountd import watch
 from amountd.model import End, Event, Frame, Ready, Resync, Snapshot
 from amountd.ns import resolve_ns
-from amountd.sources.fanotify import read_kernel_table
 from amountd.table import MountTable, apply_frame
 
 from .conftest import PrivateNs, next_frames, run_cli
+from .nsharness import kernel_table
 
 pytestmark = pytest.mark.anyio
-
-
-def kernel_table(ns: PrivateNs) -> MountTable:
-    return read_kernel_table(resolve_ns(ns.pid))
 
 
 async def follow_until_equal(

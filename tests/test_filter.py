@@ -11,20 +11,16 @@ from amountd.filter import Filter, filter_event, filter_mounts, parse_actions, p
 from amountd.model import ACTIONS, Action, Event, FsPath, Mount, encode_json, fspath
 from amountd.table import MountTable, apply, diff
 
+from .factories import event, mount
 from .test_table import table_pairs
 
 
 def m(target: str | bytes | None, fstype: str | None = "tmpfs", key: int = 7) -> Mount:
-    return Mount(
-        legacy_id=key,
-        legacy_parent_id=1,
-        target=None if target is None else fspath(target),
-        fstype=fstype,
-    )
+    return mount(key, target, ids="legacy", full=False, fstype=fstype)
 
 
-def ev(action: Action, mount: Mount, old: Mount | None = None) -> Event:
-    return Event(seq=3, time=1.0, action=action, via="mountinfo", mount=mount, old=old, pid=9)
+def ev(action: Action, m: Mount, old: Mount | None = None) -> Event:
+    return event(action, m, old, seq=3, via="mountinfo", pid=9)
 
 
 # --- the filter itself --------------------------------------------------------------

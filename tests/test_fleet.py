@@ -27,9 +27,10 @@ import pytest
 
 from amountd.fleet.naming import decode_mount, mount_key
 from amountd.model import Event, Resync, Snapshot
-from tests.conftest import HAVE_TOOLS, ROOT, PrivateNs
-from tests.multihelp import RawSub, Serve, kernel_table, ns_id_of, wait_for
+from tests.conftest import MakeNs, PrivateNs
+from tests.multihelp import RawSub, Serve, wait_for
 from tests.natshelp import NatsServer, free_port, kv_entries, nats_server_binary, stream_msgs
+from tests.nsharness import kernel_table, ns_id_of
 
 pytestmark = pytest.mark.anyio
 
@@ -52,17 +53,8 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
-def spaces(tmp_path: Path) -> Iterator[list[PrivateNs]]:
-    if not (ROOT and HAVE_TOOLS):
-        pytest.skip("needs root and util-linux unshare/nsenter/mount for private namespaces")
-    made: list[PrivateNs] = []
-    for i in range(3):
-        base = tmp_path / f"ns{i}"
-        base.mkdir()
-        made.append(PrivateNs(base))
-    yield made
-    for ns in made:
-        ns.close()
+def spaces(make_ns: MakeNs) -> list[PrivateNs]:
+    return make_ns(3)
 
 
 @pytest.fixture

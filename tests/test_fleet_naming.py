@@ -22,11 +22,13 @@ from amountd.fleet.naming import (
     sanitize_host_id,
     subject,
 )
-from amountd.model import End, Event, Mount, Ready, Resync, Snapshot, encode_json, fspath
+from amountd.model import End, Event, Mount, Ready, Resync, Snapshot, encode_json
+
+from .factories import mount
 
 
 def _m(mid: int, target: str, ns: int | None = 7, options: str = "rw") -> Mount:
-    return Mount(id=mid, legacy_id=mid % 1000, ns_id=ns, target=fspath(target), options=options)
+    return mount(mid, target, None, full=False, legacy_id=mid % 1000, ns_id=ns, options=options)
 
 
 def test_host_ids_keep_only_safe_characters() -> None:

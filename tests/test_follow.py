@@ -12,23 +12,24 @@ from amountd.model import Event, Mount, Resync, Snapshot, decode_json, fspath
 from amountd.table import Follower
 
 from .conftest import PrivateNs
+from .factories import event, mount
 from .multihelp import Serve
 
 
-def _m(key: int, target: str) -> Mount:
-    return Mount(legacy_id=key, legacy_parent_id=1, target=fspath(target), fstype="tmpfs")
+def _table(*targets: tuple[int, str]) -> list[Mount]:
+    return [mount(key, target, ids="legacy", full=False) for key, target in targets]
 
 
 def test_follower_turns_a_fresh_snapshot_into_the_difference() -> None:
     f = Follower()
-    first = Snapshot(seq=5, ns_id=None, mounts=[_m(1, "/"), _m(2, "/a"), _m(3, "/b")])
+    first = Snapshot(seq=5, ns_id=None, mounts=_table((1, "/"), (2, "/a"), (3, "/b")))
     assert f.feed(first, 0.0) == [first]
-    ev = Event(seq=6, time=0.0, action="mount", via="fanotify", mount=_m(4, "/c"))
+    ev = event("mount", _table((4, "/c"))[0], seq=6, time=0.0)
     assert f.feed(ev, 0.0) == [ev]
     assert f.feed(Resync(seq=7, reason="since-expired"), 0.0) == [
         Resync(seq=7, reason="since-expired")
     ]
-    fresh = Snapshot(seq=9, ns_id=None, mounts=[_m(1, "/"), _m(3, "/b"), _m(4, "/c"), _m(5, "/d")])
+    fresh = Snapshot(seq=9, ns_id=None, mounts=_table((1, "/"), (3, "/b"), (4, "/c"), (5, "/d")))
     out = f.feed(fresh, 1.0)
     got = [(e.action, e.mount.target, e.via, e.seq) for e in out if isinstance(e, Event)]
     assert got == [("umount", "/a", "resync", 9), ("mount", "/d", "resync", 9)]

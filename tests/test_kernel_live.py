@@ -24,6 +24,8 @@ from amountd.kernel.errors import KernelError, MountGone, NamespaceGone, Unsuppo
 from amountd.kernel.layouts import FanEvent, parse_statmount, statmount_to_mount
 from amountd.model import Mount, fspath_bytes
 
+from .nsharness import PrivateNs
+
 T = TypeVar("T")
 
 
@@ -46,60 +48,26 @@ A, D = c.FAN_MNT_ATTACH, c.FAN_MNT_DETACH
 COMPARED = [f for f in Mount.__struct_fields__ if f not in ("id", "parent_id", "ns_id")]
 
 
-class Namespace:
-    """A `sleep` in a new mount namespace (a child of `parent`'s, else of ours)."""
+class Namespace(PrivateNs):
+    """A private namespace (a child of `parent`'s, else of ours), open as an fd, by ID.
 
-    pid: int
-    fd: int
-    ns_id: int
+    Nothing is mounted on its `base`: each test mounts what it needs on its own `base`.
+    """
 
     def __init__(self, parent: Namespace | None = None, propagation: str = "private") -> None:
-        cmd: list[str] = ["unshare", "-m", f"--propagation={propagation}", "sleep", "1000"]
-        if parent is not None:
-            cmd = ["nsenter", "-t", str(parent.pid), "-m", *cmd]
-        before = os.readlink(f"/proc/{parent.pid if parent else os.getpid()}/ns/mnt")
-        self.proc = subprocess.Popen(cmd)
         self.fd = -1
+        super().__init__(size=None, parent=parent, propagation=propagation)
         try:
-            self.pid = self._find_sleep(before)
             self.fd = os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             self.ns_id = k.mntns_id(self.fd)
         except BaseException:
             self.close()
             raise
 
-    def _find_sleep(self, before: str) -> int:
-        # nsenter -m and unshare both exec in place: the child's PID ends up as sleep.
-        pid = self.proc.pid
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if (
-                    Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"
-                    and os.readlink(f"/proc/{pid}/ns/mnt") != before
-                ):
-                    return pid
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.005)
-        raise RuntimeError("the namespace child did not start")
-
-    def sh(self, script: str) -> str:
-        r = subprocess.run(
-            ["nsenter", "-t", str(self.pid), "-m", "sh", "-ec", script],
-            capture_output=True,
-            check=False,
-        )
-        if r.returncode:
-            raise RuntimeError(f"{script!r} failed: {r.stderr.decode(errors='replace')}")
-        return r.stdout.decode(errors="surrogateescape")
-
-    def mountinfo(self) -> list[Mount]:
+    def mounts(self) -> list[Mount]:
         from amountd.mountinfo import parse_mountinfo
 
-        return parse_mountinfo(Path(f"/proc/{self.pid}/mountinfo").read_bytes())
+        return parse_mountinfo(self.mountinfo())
 
     def inside(self, fn: Callable[[], T]) -> T:
         """Run fn in a thread that entered this namespace (for the caller-relative bits)."""
@@ -124,8 +92,7 @@ class Namespace:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.proc.kill()
-        self.proc.wait()
+        super().close()
 
 
 @pytest.fixture
@@ -189,7 +156,7 @@ def _fields(m: Mount) -> dict[str, object]:
 def test_listmount_counts_every_mountinfo_line(ns: Namespace, base: str) -> None:
     ns.sh(VARIED.format(base=base))
     ids = k.listmount(ns.ns_id)
-    mountinfo = ns.mountinfo()
+    mountinfo = ns.mounts()
     assert len(ids) == len(mountinfo) > 20
     assert ids == sorted(set(ids)) and all(i >= 1 << 31 for i in ids)
     nr_mounts, ns_id = k.mntns_info(ns.fd)
@@ -203,7 +170,7 @@ def test_listmount_counts_every_mountinfo_line(ns: Namespace, base: str) -> None
 
 def test_every_mount_equals_its_mountinfo_record(ns: Namespace, base: str) -> None:
     ns.sh(VARIED.format(base=base))
-    want = _by_legacy(ns.mountinfo())
+    want = _by_legacy(ns.mounts())
     got = [k.stat_mount(i, ns.ns_id) for i in k.listmount(ns.ns_id)]
     assert set(_by_legacy(got)) == set(want)
     ids = {m.id for m in got}
@@ -224,7 +191,7 @@ def test_every_mount_equals_its_mountinfo_record(ns: Namespace, base: str) -> No
 
 def test_same_answers_from_inside_the_namespace(ns: Namespace, base: str) -> None:
     ns.sh(VARIED.format(base=base))
-    want = _by_legacy(ns.mountinfo())
+    want = _by_legacy(ns.mounts())
 
     def describe() -> list[Mount]:
         return [k.stat_mount(i) for i in k.listmount()]
@@ -250,7 +217,7 @@ def test_propagate_from_needs_a_caller_inside_the_namespace(base: str) -> None:
         )
         inner = Namespace(outer, propagation="unchanged")
         inner.sh(f"mount --bind {base}/b {base}/c; mount --make-slave {base}/c; umount {base}/b")
-        (want,) = [m for m in inner.mountinfo() if m.target == f"{base}/c"]
+        (want,) = [m for m in inner.mounts() if m.target == f"{base}/c"]
         assert want.propagation is not None and " propagate_from:" in want.propagation
         mnt_id = k.statx_mnt_id(f"/proc/{inner.pid}/root{base}/c")
         from_inside = inner.inside(lambda: k.stat_mount(mnt_id))

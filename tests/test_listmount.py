@@ -14,25 +14,13 @@ from amountd.model import Mount, encode_msgpack, fspath
 from amountd.sources.listmount import SweepBudget, Tracker
 from amountd.table import MountTable, apply
 
+from .factories import mount
+
 BASE = 2**31
 
 
 def mk(i: int, parent: int, target: str, **kw: object) -> Mount:
-    fields: dict[str, object] = {
-        "id": BASE + i,
-        "parent_id": BASE + parent,
-        "legacy_id": i,
-        "legacy_parent_id": parent,
-        "target": fspath(target),
-        "root": fspath("/"),
-        "source": fspath("src"),
-        "fstype": "tmpfs",
-        "options": "rw,relatime",
-        "fs_options": fspath("rw"),
-        "propagation": "",
-    }
-    fields.update(kw)
-    return Mount(**fields)  # type: ignore[arg-type]
+    return mount(i, target, parent, id=BASE + i, parent_id=BASE + parent, **kw)
 
 
 class Kernel:

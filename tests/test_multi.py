@@ -41,20 +41,20 @@ from amountd.sources.base import Change, Source
 from amountd.sources.multi import MultiSource, _Sub
 from amountd.table import MountTable, apply_frame
 
-from .conftest import HAVE_TOOLS, ROOT, PrivateNs, run_cli
-from .multihelp import RawSub, Serve, kernel_table, ns_id_of, wait_for
+from .conftest import MakeNs, PrivateNs, run_cli
+from .factories import event, mount
+from .multihelp import RawSub, Serve, wait_for
+from .nsharness import kernel_table, ns_id_of
 
 U = 2**31  # unique mount IDs start above the 32-bit ones
 
 
 def mnt(ns_id: int | None, key: int, target: str = "/x", *, legacy: bool = False) -> Mount:
-    if legacy:
-        return Mount(legacy_id=key, ns_id=ns_id, target=fspath(target), fstype="tmpfs")
-    return Mount(id=key, ns_id=ns_id, target=fspath(target), fstype="tmpfs")
+    return mount(key, target, None, ids="legacy" if legacy else "unique", full=False, ns_id=ns_id)
 
 
 def ev(m: Mount, action: Action = "mount", via: Via = "fanotify") -> Event:
-    return Event(seq=0, time=0.0, action=action, via=via, mount=m)
+    return event(action, m, seq=0, time=0.0, via=via)
 
 
 # --- frames, filter, broker: no kernel ---------------------------------------------------
@@ -420,30 +420,6 @@ def test_serve_refuses_ns_with_all_namespaces(tmp_path: Path) -> None:
 
 
 # --- the server over private namespaces ------------------------------------------------------
-
-MakeNs = Callable[[int], list[PrivateNs]]
-
-
-@pytest.fixture
-def make_ns(tmp_path: Path) -> Iterator[MakeNs]:
-    """make_ns(n): n private namespaces, each with a tmpfs scratch area; all killed after."""
-    if not (ROOT and HAVE_TOOLS):
-        pytest.skip("needs root and util-linux unshare/nsenter/mount for private namespaces")
-    made: list[PrivateNs] = []
-
-    def make(n: int) -> list[PrivateNs]:
-        out = []
-        for _ in range(n):
-            base = tmp_path / f"ns{len(made)}"
-            base.mkdir()
-            ns = PrivateNs(base)
-            made.append(ns)
-            out.append(ns)
-        return out
-
-    yield make
-    for ns in made:
-        ns.close()
 
 
 @pytest.fixture

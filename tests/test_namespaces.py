@@ -11,11 +11,10 @@ import pytest
 
 from amountd import watch
 from amountd.model import End, Event, Ready, decode_json
-from amountd.ns import resolve_ns
-from amountd.sources.fanotify import read_kernel_table
 from amountd.table import MountTable, apply_frame
 
 from .conftest import PrivateNs, next_frames, run_cli
+from .nsharness import kernel_table
 
 PIVOT = r"""
 import ctypes, os, sys, time
@@ -64,7 +63,7 @@ async def test_pivot_root_targets_follow_the_new_root(private_ns: PrivateNs) -> 
             assert by_target["/x"].mount.source == "after"
             # the old root's submounts moved below /old with it
             assert any(t.startswith("/old/") for t in by_target)
-            assert table == read_kernel_table(resolve_ns(ns.pid))
+            assert table == kernel_table(ns)
         finally:
             proc.kill()
             proc.wait()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import msgspec
 
-from amountd.model import Event, Mount, fspath
+from amountd.model import Action, Event, Mount, fspath
 from amountd.render import event_line
+
+from .factories import event
 
 BIND = Mount(
     id=2**31 + 5,
@@ -20,8 +22,8 @@ BIND = Mount(
 )
 
 
-def _ev(action: str, new: Mount, old: Mount) -> Event:
-    return Event(seq=1, time=0.0, action=action, via="mountinfo", mount=new, old=old)  # type: ignore[arg-type]
+def _ev(action: Action, new: Mount, old: Mount) -> Event:
+    return event(action, new, old, seq=1, time=0.0, via="mountinfo")
 
 
 def test_remount_row_shows_new_options_and_fs_options() -> None:

@@ -40,20 +40,15 @@ from amountd.model import (
     encode_json,
     fspath,
 )
-from amountd.ns import resolve_ns
 from amountd.protocol import Format, FrameReader
 from amountd.server import ServeConfig, serve
-from amountd.sources.fanotify import read_kernel_table
 from amountd.table import MountTable, apply_frame
 
 from .conftest import PrivateNs, next_events, next_frames, no_more_frames, run_cli
 from .multihelp import Serve
+from .nsharness import kernel_table
 
 pytestmark = pytest.mark.anyio
-
-
-def kernel_table(ns: PrivateNs) -> MountTable:
-    return read_kernel_table(resolve_ns(ns.pid))
 
 
 ServerFactory = Callable[..., "Server"]

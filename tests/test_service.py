@@ -28,21 +28,17 @@ from amountd import connect
 from amountd.broker import Broker
 from amountd.config import Config, ConfigError, FilterConfig
 from amountd.filter import Filter, filter_mounts
-from amountd.model import End, Event, Frame, Mount, Ready, Resync, Snapshot, Status, fspath
-from amountd.ns import resolve_ns
+from amountd.model import End, Event, Frame, Ready, Resync, Snapshot, Status, fspath
 from amountd.protocol import FrameReader, SubscribeRequest
 from amountd.server import ServeConfig, Server
 from amountd.service import Service
-from amountd.sources.fanotify import read_kernel_table
 from amountd.table import MountTable, apply, apply_frame
 
 from .conftest import PrivateNs, next_events, next_frames, run_cli
+from .factories import event, mount
+from .nsharness import kernel_table
 
 pytestmark = pytest.mark.anyio
-
-
-def kernel_table(ns: PrivateNs) -> MountTable:
-    return read_kernel_table(resolve_ns(ns.pid))
 
 
 def free_port() -> int:
@@ -211,9 +207,7 @@ def _listening(port: int) -> bool:
     """A TCP socket of this machine listens on 127.0.0.1:port (/proc/net/tcp, state 0A)."""
     want = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as f:
-        return any(
-            (cols := line.split())[1] == want and cols[3] == "0A" for line in list(f)[1:]
-        )
+        return any((cols := line.split())[1] == want and cols[3] == "0A" for line in list(f)[1:])
 
 
 @pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is not installed")
@@ -398,17 +392,9 @@ async def test_metrics_count_real_events(daemon_for: DaemonFactory, private_ns: 
 # --- without a kernel: counting, the server-wide filter, reloads ---------------------------------
 
 
-def _m(key: int, target: str, fstype: str = "tmpfs") -> Mount:
-    return Mount(id=key, legacy_id=key, parent_id=1, target=fspath(target), fstype=fstype)
-
-
-def _ev(action: str, m: Mount) -> Event:
-    return Event(seq=0, time=0.0, action=action, via="fanotify", mount=m)  # type: ignore[arg-type]
-
-
 def _rig(settings: Config, reload: Callable[[], Config] | None = None) -> tuple[Service, Server]:
     service = Service(settings, reload=reload)
-    table = MountTable([_m(1, "/")])
+    table = MountTable([mount(1, "/", full=False)])
     broker = Broker(table=service.view(table.mounts), queue=1024)
     return service, Server(ServeConfig(), broker, table, service)
 
@@ -431,7 +417,10 @@ async def test_publisher_filters_and_counts() -> None:
     sub = server.broker.subscribe(SubscribeRequest())
     publish = service.publisher(server.broker.publish)
     service.stamp()
-    for ev in [_ev("mount", _m(2, "/a/x")), _ev("mount", _m(3, "/b/y"))]:
+    for ev in [
+        event("mount", mount(2, "/a/x", full=False)),
+        event("mount", mount(3, "/b/y", full=False)),
+    ]:
         apply(server.table, ev)
         publish(ev)
     publish(Resync(seq=0, reason="overflow"))
@@ -452,7 +441,7 @@ async def test_publisher_filters_and_counts() -> None:
 async def test_rescope_publishes_the_difference() -> None:
     service, server = _rig(Config(filter=FilterConfig(fstypes=["ext4"])))
     for key, target in [(2, "/a"), (3, "/b")]:
-        apply(server.table, _ev("mount", _m(key, target)))
+        apply(server.table, event("mount", mount(key, target, full=False)))
     sub = server.broker.subscribe(SubscribeRequest(snapshot=True))
     first = await _drain(sub)
     table = MountTable()
@@ -497,7 +486,7 @@ def test_lagged_subscribers_show_in_metrics() -> None:
     server.broker.queue_limit = 1  # what SIGHUP does: for subscribers from now on
     lagging = server.broker.subscribe(SubscribeRequest())
     for key in (2, 3, 4):
-        server.broker.publish(_ev("mount", _m(key, f"/{key}")))
+        server.broker.publish(event("mount", mount(key, f"/{key}", full=False)))
     assert lagging.stats().drops == 1 and server.broker.stats().drops == 1
     text = m.render().decode()
     assert "amountd_queue_drops_total 1" in text

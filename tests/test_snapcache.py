@@ -10,6 +10,8 @@ from amountd.model import Mount, Snapshot
 from amountd.protocol import FrameReader, SubscribeRequest
 from amountd.snapcache import SnapshotCache
 
+from .factories import mount
+
 
 def test_hit_miss_and_lru_order() -> None:
     c = SnapshotCache(limit=30)
@@ -52,10 +54,7 @@ def test_negative_limit_is_refused() -> None:
 
 
 def _mount(i: int) -> Mount:
-    return Mount(
-        id=i, legacy_id=i, parent_id=1, legacy_parent_id=1, target=f"/m{i}", root="/",
-        source="tmpfs", fstype="tmpfs", options="rw", fs_options="rw", propagation="",
-    )  # fmt: skip
+    return mount(i, f"/m{i}", source="tmpfs", options="rw")
 
 
 @pytest.mark.anyio

@@ -40,7 +40,8 @@ from amountd.protocol import (
 from amountd.status import duration, format_status
 
 from .conftest import PrivateNs, next_events, next_frames, run_cli
-from .test_service import Daemon, kernel_table
+from .nsharness import kernel_table
+from .test_service import Daemon
 
 pytestmark = pytest.mark.anyio
 

@@ -27,6 +27,8 @@ from amountd.table import (
     split_change,
 )
 
+from .factories import mount
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -40,22 +42,12 @@ def mk(
     **kw: object,
 ) -> Mount:
     """A tmpfs record; with `unique`, `key`/`parent` are unique IDs and legacy IDs are small."""
-    fields: dict[str, object] = {
-        "root": fspath("/"),
-        "target": fspath(target),
-        "source": fspath("src"),
-        "fstype": "tmpfs",
-        "options": "rw,relatime",
-        "fs_options": fspath("rw"),
-        "propagation": "",
-        "dev": dev if dev is not None else f"0:{key % 1000}",
-    }
+    dev = dev if dev is not None else f"0:{key % 1000}"
     if unique:
-        fields.update(id=key, parent_id=parent, legacy_id=key % 100, legacy_parent_id=parent % 100)
-    else:
-        fields.update(legacy_id=key, legacy_parent_id=parent)
-    fields.update(kw)
-    return Mount(**fields)  # type: ignore[arg-type]
+        return mount(
+            key, target, parent, legacy_id=key % 100, legacy_parent_id=parent % 100, dev=dev, **kw
+        )
+    return mount(key, target, parent, ids="legacy", dev=dev, **kw)
 
 
 def run(old: MountTable, new: MountTable) -> list[Event]:
