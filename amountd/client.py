@@ -33,6 +33,7 @@ import msgspec
 from anyio.abc import SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .config import parse_hostport
 from .constants import DEFAULT_SOCKET, STOPPING
 from .errors import AmountdError, UsageError
 from .filter import Filter
@@ -52,7 +53,6 @@ __all__ = [
     "is_loopback",
     "open_stream",
     "parse_url",
-    "split_hostport",
 ]
 
 log = logging.getLogger("amountd.client")
@@ -88,26 +88,6 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.kind}://{host}:{self.port}"
 
 
-def split_hostport(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[V6]:PORT` -> (host, port); UsageError naming the problem."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageError(f"write an IPv6 address in brackets: [{host}]:{port_text}")
-    if not host:
-        raise UsageError(f"no host in {text!r}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise UsageError(f"bad port {port_text!r} in {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise UsageError(f"port {port} is out of range (0-65535)")
-    return host, port
-
-
 def is_loopback(host: str) -> bool:
     """True only for addresses nobody else can reach (`localhost`, 127/8, ::1)."""
     if host == "localhost":
@@ -130,9 +110,7 @@ def parse_url(url: str) -> Endpoint:
     for kind in ("tcp", "tls"):
         prefix = f"{kind}://"
         if url.startswith(prefix):
-            host, port = split_hostport(url[len(prefix) :].rstrip("/"))
-            if port == 0:
-                raise UsageError(f"port 0 in {url!r}: give the port the server listens on")
+            host, port = parse_hostport(url[len(prefix) :].rstrip("/"), default_host=None)
             return Endpoint(kind="tcp" if kind == "tcp" else "tls", host=host, port=port)
     raise UsageError(
         f"cannot use {url!r}: write unix:/path/to/amountd.sock, tcp://HOST:PORT or tls://HOST:PORT"

@@ -152,18 +152,39 @@ listener are opened once at start.
 """
 
 
-def parse_hostport(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """(host, port) from HOST:PORT, [V6]:PORT, :PORT or PORT (the last two on loopback)."""
+def parse_hostport(
+    text: str, *, default_host: str | None = "127.0.0.1", port_zero: bool = False
+) -> tuple[str, int]:
+    """(host, port) from HOST:PORT or [V6]:PORT; UsageError naming the problem.
+
+    The one host:port grammar of amountd (settings file, `--tcp`, `tcp://` URLs, the
+    listener). With a `default_host`, `:PORT` and `PORT` mean that host (loopback);
+    `port_zero` lets a listener ask the kernel for a free port.
+    """
     host, sep, port_text = text.rpartition(":")
     if not sep:
         host, port_text = "", text
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ValueError(f"bad address {text!r}: write an IPv6 address in brackets, [::1]:PORT")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad address {text!r}: expected HOST:PORT with a port from 1 to 65535")
-    return host or default_host, int(port_text)
+        raise UsageError(
+            f"bad address {text!r}: write an IPv6 address in brackets, [{host}]:{port_text}"
+        )
+    if not host:
+        if default_host is None:
+            raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+        host = default_host
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise UsageError(
+            f"bad address {text!r}: bad port {port_text!r}, expected HOST:PORT "
+            "with a port from 1 to 65535"
+        )
+    port = int(port_text)
+    if port == 0 and not port_zero:
+        raise UsageError(f"bad address {text!r}: port 0, give a port from 1 to 65535")
+    if port > 65535:
+        raise UsageError(f"bad address {text!r}: port {port} is out of range (1-65535)")
+    return host, port
 
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -269,7 +290,7 @@ def _check(config: Config, where: str, name: Any = repr) -> None:
         if value is not None:
             try:
                 host, _ = parse_hostport(value)
-            except ValueError as e:
+            except UsageError as e:
                 raise ConfigError(f"bad value for {name(key)} in {where}: {e}") from None
             if key == "metrics" and not config.metrics_public and not _loopback(host):
                 allow = (

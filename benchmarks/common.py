@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests import nsharness
+
 __all__ = [
     "BENCHMARKS",
     "DRIVER",
@@ -178,9 +180,8 @@ def task_switches(pid: int) -> int:
 # ----------------------------------------------------------------- private namespaces
 
 
-class PrivateNs:
-    """A sleeping child in a private mount namespace, with a tmpfs scratch area `base`
-    that exists in that namespace alone (an empty directory on the host).
+class PrivateNs(nsharness.PrivateNs):
+    """tests/nsharness.py's private namespace, with a 64 MiB tmpfs that nsdriver.py fills.
 
     `keep_driver` (--quick): driver() hands its ops to one nsdriver.py that stays in the
     namespace (`serve`), rather than starting one per op (some 30 ms each).
@@ -192,36 +193,14 @@ class PrivateNs:
             raise BenchmarkError(why)
         self._keep_driver = keep_driver
         self._driver: subprocess.Popen[bytes] | None = None
-        self.base = tempfile.mkdtemp(prefix="amountd-bench-")
-        self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sleep", "infinity"],
-            stdin=subprocess.DEVNULL,
-        )
-        self.pid = self.proc.pid
         try:
-            self._wait_unshared()
-            self.run(["mount", "-t", "tmpfs", "-o", "size=64m", "bench", self.base])
-        except BaseException:
-            self.close()
-            raise
+            super().__init__(size="64m", tag="bench")
+        except nsharness.NsError as e:
+            raise BenchmarkError(str(e)) from None
 
-    def _wait_unshared(self) -> None:
-        own = os.readlink("/proc/self/ns/mnt")
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                if os.readlink(f"/proc/{self.pid}/ns/mnt") != own:
-                    return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchmarkError("unshare -m did not start a private namespace")
-            time.sleep(0.005)
-
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        return ["nsenter", "-t", str(self.pid), "-m", "--", *argv]
-
-    def run(self, argv: Sequence[str]) -> str:
+    def output(self, argv: Sequence[str]) -> str:
         """One command inside the namespace; its stdout."""
-        res = subprocess.run(self.argv(argv), capture_output=True, check=False)
+        res = self.run(*argv, check=False)
         if res.returncode != 0:
             raise BenchmarkError(
                 f"{' '.join(argv)} failed in the namespace: {res.stderr.decode(errors='replace')}"
@@ -229,13 +208,13 @@ class PrivateNs:
         return res.stdout.decode(errors="replace")
 
     def driver_argv(self, op: str, *args: object) -> list[str]:
-        return self.argv([sys.executable, str(DRIVER), op, self.base, *map(str, args)])
+        return [str(a) for a in self.argv([sys.executable, str(DRIVER), op, self.base, *args])]
 
     def driver(self, op: str, *args: object) -> dict[str, Any]:
         """Run nsdriver.py OP inside the namespace; its {"start", "end", "changes"}."""
         if self._keep_driver:
             return self._ask_driver(op, *args)
-        out = self.run([sys.executable, str(DRIVER), op, self.base, *map(str, args)])
+        out = self.output([sys.executable, str(DRIVER), op, str(self.base), *map(str, args)])
         return dict(json.loads(out.strip().splitlines()[-1]))
 
     def _ask_driver(self, op: str, *args: object) -> dict[str, Any]:
@@ -258,10 +237,6 @@ class PrivateNs:
             raise BenchmarkError(f"nsdriver.py {doc['error']}")
         return dict(doc)
 
-    def mount_count(self) -> int:
-        with open(f"/proc/{self.pid}/mountinfo", "rb") as f:
-            return f.read().count(b"\n")
-
     def populate(self, total: int) -> int:
         """Grow the namespace's table to `total` mounts (bind mounts, quickly); the count."""
         have = self.mount_count()
@@ -280,19 +255,8 @@ class PrivateNs:
             except subprocess.TimeoutExpired:
                 self._driver.kill()
                 self._driver.wait()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        # The namespace (and the tmpfs in it) goes with its last process; wait for that
-        # before removing the directory it was mounted on.
-        with contextlib.suppress(OSError):
-            os.rmdir(self.base)
-
-    def __enter__(self) -> PrivateNs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+            self._driver = None
+        super().close()
 
 
 # ----------------------------------------------------------------------- watchers

@@ -22,38 +22,14 @@ runs with whichever Python the benchmark runs, and never on the host's table.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sys
 import time
 
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-MS_BIND = 4096
-MS_REC = 16384
-MNT_DETACH = 2
-
-
-def _check(r: int, what: str) -> None:
-    if r != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-
-
-def mount(src: bytes, target: bytes, fstype: bytes | None, flags: int = 0) -> None:
-    _check(libc.mount(src, target, fstype, flags, None), f"mount {target!r}")
-
-
-def umount(target: bytes) -> None:
-    _check(libc.umount2(target, 0), f"umount {target!r}")
+# The mount calls are the tests' (tests/mountcalls.py): this runs as a script, by path.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from mountcalls import MNT_DETACH, MS_BIND, MS_REC, mount, umount
 
 
 def _dirs(base: bytes, n: int) -> list[bytes]:
@@ -99,7 +75,7 @@ def fast_tree(d: bytes, n: int) -> tuple[float, float]:
             mount(helper, dst, None, MS_BIND | MS_REC)
             grown.append(dst)
     for p in grown:
-        _check(libc.umount2(p, MNT_DETACH), f"umount {p!r}")
+        umount(p, MNT_DETACH)
     return t0, time.monotonic()
 
 

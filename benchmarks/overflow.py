@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests import nsharness
+
 from .common import (
     BenchmarkError,
     Options,
@@ -163,12 +165,9 @@ async def _follow(
 
 def _kernel_table(ns: PrivateNs, source: str) -> Any:
     import amountd
-    from amountd.ns import resolve_ns
 
     if source == "fanotify":
-        from amountd.sources.fanotify import read_kernel_table
-
-        return read_kernel_table(resolve_ns(ns.pid))
+        return nsharness.kernel_table(ns)
     return amountd.MountTable(amountd.snapshot(ns.pid, source="mountinfo"))
 
 

@@ -1,4 +1,5 @@
-"""Shared harness: private mount namespaces, a host-table guard, both event loops.
+"""Shared fixtures: private mount namespaces (tests/nsharness.py), a host-table guard,
+both event loops, frames with a deadline, the command as another uid.
 
 Every scenario that changes mounts does so inside a child started with
 `unshare -m --propagation private` and driven with `nsenter`; amountd watches it from
@@ -16,20 +17,31 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from amountd.model import Event, Frame
 
-ROOT = os.geteuid() == 0
-HAVE_TOOLS = all(shutil.which(t) for t in ("unshare", "nsenter", "mount", "umount"))
-needs_root = pytest.mark.skipif(
-    not (ROOT and HAVE_TOOLS),
-    reason="needs root and util-linux unshare/nsenter/mount to make private mount namespaces",
-)
+from .nsharness import HAVE_TOOLS, NO_NS, ROOT, PrivateNs, kernel_table, ns_id_of
+
+__all__ = [
+    "HAVE_TOOLS",
+    "ROOT",
+    "MakeNs",
+    "PrivateNs",
+    "as_user",
+    "kernel_table",
+    "needs_root",
+    "next_events",
+    "next_frames",
+    "no_more_frames",
+    "ns_id_of",
+    "run_cli",
+]
+
+needs_root = pytest.mark.skipif(not (ROOT and HAVE_TOOLS), reason=NO_NS)
 
 
 def _host_mounts() -> list[bytes]:
@@ -56,76 +68,36 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-Arg = str | bytes | os.PathLike[str]
+MakeNs = Callable[[int], list[PrivateNs]]
 
 
-class PrivateNs:
-    """A sleeping child in a private mount namespace, with a tmpfs scratch area `base`."""
+@pytest.fixture
+def make_ns(tmp_path: Path) -> Iterator[MakeNs]:
+    """make_ns(n): n more private namespaces, each with a tmpfs scratch area; all killed after."""
+    if not (ROOT and HAVE_TOOLS):
+        pytest.skip(NO_NS)
+    made: list[PrivateNs] = []
 
-    def __init__(self, base: Path) -> None:
-        self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sleep", "infinity"],
-            stdin=subprocess.DEVNULL,
-        )
-        self.pid = self.proc.pid
-        own = os.readlink("/proc/self/ns/mnt")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if os.readlink(f"/proc/{self.pid}/ns/mnt") != own:
-                    break
-            except FileNotFoundError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("unshare -m did not start a private namespace")
-            time.sleep(0.005)
-        self.base = base
-        self.run("mount", "-t", "tmpfs", "-o", "size=4m", "scratch", str(base))
-
-    def run(self, *argv: Arg, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        """One command inside the namespace (argv may hold raw bytes: exact paths)."""
-        cmd: list[Arg] = ["nsenter", "-t", str(self.pid), "-m", "--", *argv]
-        res = subprocess.run(cmd, capture_output=True, check=False)
-        if check and res.returncode != 0:
-            raise AssertionError(f"{cmd!r} failed: {res.stderr.decode(errors='replace')}")
-        return res
-
-    def sh(self, script: str) -> subprocess.CompletedProcess[bytes]:
-        return self.run("sh", "-ec", script)
-
-    def path(self, *parts: str | bytes) -> bytes:
-        out = os.fsencode(self.base)
-        for p in parts:
-            out += b"/" + os.fsencode(p)
+    def make(n: int) -> list[PrivateNs]:
+        out = []
+        for _ in range(n):
+            base = tmp_path / f"ns{len(made)}"
+            base.mkdir()
+            made.append(PrivateNs(base))
+            out.append(made[-1])
         return out
 
-    def mkdir(self, *paths: bytes) -> None:
-        self.run("mkdir", "-p", *paths)
-
-    def ops(self, op: str, where: bytes, n: int) -> None:
-        """Churn at syscall speed inside the namespace (tests/nsops.py)."""
-        self.run(sys.executable, str(Path(__file__).with_name("nsops.py")), op, where, str(n))
-
-    def popen_ops(self, op: str, where: bytes, n: int) -> subprocess.Popen[bytes]:
-        script = str(Path(__file__).with_name("nsops.py"))
-        return subprocess.Popen(
-            ["nsenter", "-t", str(self.pid), "-m", "--", sys.executable, script, op, where, str(n)]
-        )
-
-    def mountinfo(self) -> bytes:
-        with open(f"/proc/{self.pid}/mountinfo", "rb") as f:
-            return f.read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+    try:
+        yield make
+    finally:
+        for ns in made:
+            ns.close()
 
 
 @pytest.fixture
 def private_ns(tmp_path: Path) -> Iterator[PrivateNs]:
     if not (ROOT and HAVE_TOOLS):
-        pytest.skip("needs root and util-linux unshare/nsenter/mount for a private namespace")
+        pytest.skip(NO_NS)
     base = tmp_path / "scratch"
     base.mkdir()
     ns = PrivateNs(base)

@@ -19,20 +19,8 @@ import anyio.abc
 
 from amountd.filter import Filter
 from amountd.model import End, Error, Event, Frame, Ready
-from amountd.ns import resolve_ns
 from amountd.protocol import Format, FrameReader, SubscribeRequest, encode_request
-from amountd.sources.fanotify import read_kernel_table
 from amountd.table import MountTable, apply_frame
-
-
-def kernel_table(pid: int) -> MountTable:
-    return read_kernel_table(resolve_ns(pid))
-
-
-def ns_id_of(pid: int) -> int:
-    ns_id = resolve_ns(pid).ns_id
-    assert ns_id is not None
-    return ns_id
 
 
 class Serve:

@@ -16,7 +16,6 @@ Prints one JSON line: the changes made per PID, and the PIDs killed.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import random
@@ -25,15 +24,11 @@ import sys
 import threading
 import time
 
-libc = ctypes.CDLL(None, use_errno=True)
+from mountcalls import check as _check
+from mountcalls import libc, mount, umount
+
 CLONE_FS = 0x200
 CLONE_NEWNS = 0x20000
-
-
-def _check(r: int, what: str) -> None:
-    if r != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
 
 
 HOME = os.readlink("/proc/self/ns/mnt")  # where this process started: never touched
@@ -63,10 +58,10 @@ def churn(pid: int, d: bytes, until: float, *, rate: float, seed: int, out: dict
     while time.monotonic() < until:
         k = rng.randrange(10)
         if depth[k] < 2 and (depth[k] == 0 or rng.random() < 0.5):
-            _check(libc.mount(b"churn%d" % n, slots[k], b"tmpfs", 0, b"size=64k"), "mount")
+            mount(b"churn%d" % n, slots[k], b"tmpfs", 0, b"size=64k")
             depth[k] += 1
         else:
-            _check(libc.umount2(slots[k], 0), "umount")
+            umount(slots[k])
             depth[k] -= 1
         n += 1
         time.sleep(rng.expovariate(rate))

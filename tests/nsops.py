@@ -10,26 +10,10 @@ Test helper only: it runs in the child namespace that the test made, never on th
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
-libc = ctypes.CDLL(None, use_errno=True)
-MS_BIND = 4096
-
-
-def _check(r: int, what: str) -> None:
-    if r != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-
-
-def mount(src: bytes, target: bytes, fstype: bytes | None, flags: int = 0) -> None:
-    _check(libc.mount(src, target, fstype, flags, None), f"mount {target!r}")
-
-
-def umount(target: bytes) -> None:
-    _check(libc.umount2(target, 0), f"umount {target!r}")
+from mountcalls import MS_BIND, mount, umount
 
 
 def main() -> None:

@@ -15,24 +15,12 @@ Test helper only (plain ctypes): one process makes every change, none waits betw
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import time
 
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
-PROP = {"unbindable": 1 << 17, "private": 1 << 18, "slave": 1 << 19, "shared": 1 << 20}
-
-
-def _mount(
-    src: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None
-) -> None:
-    if libc.mount(src, target, fstype, flags, data) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount {target!r}: {os.strerror(e)}")
+from mountcalls import MS_BIND, MS_RDONLY, MS_REMOUNT, PROP, umount
+from mountcalls import mount as _mount
 
 
 def run(op: str) -> None:
@@ -43,9 +31,7 @@ def run(op: str) -> None:
     elif word == "bind":
         _mount(paths[0], paths[1], None, MS_BIND, None)
     elif word == "umount":
-        if libc.umount2(paths[0], 0) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"umount {args[0]!r}: {os.strerror(e)}")
+        umount(paths[0])
     elif word == "remount":
         how = args[1]
         flags = MS_REMOUNT | (MS_BIND if how.startswith("bind,") else 0)

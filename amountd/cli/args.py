@@ -222,10 +222,10 @@ def socket_path(text: str) -> str:
 
 
 def hostport(text: str) -> str:
-    from ..client import split_hostport
+    from ..config import parse_hostport
 
     try:
-        split_hostport(text)
+        parse_hostport(text, default_host=None, port_zero=True)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text

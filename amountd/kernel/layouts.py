@@ -6,13 +6,13 @@ captured buffers (tests/data/kernel/) without a kernel. Layouts: kernel-facts.md
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import NamedTuple
 
 import msgspec
 
 from amountd.model import FsPath, Mount, fspath
+from amountd.mountinfo import unescape
 
 from . import consts as c
 from .errors import MalformedBuffer
@@ -316,24 +316,15 @@ def options_of(mnt_attr: int) -> str:
     return s
 
 
-_OCTAL = re.compile(rb"\\([0-3][0-7][0-7])")
-
-
-def _unescape(raw: bytes) -> bytes:
-    # Filesystems write options through seq_show_option() (octal escapes for
-    # ", = \t\n\\"); amountd carries raw bytes, like amountd.mountinfo.unescape().
-    if b"\\" not in raw:
-        return raw
-    return _OCTAL.sub(lambda m: bytes((int(m.group(1), 8),)), raw)
-
-
 def fs_options_of(sb_flags: int, mnt_opts: bytes | None) -> bytes:
     """mountinfo's super options: ro/rw, show_sb_opts flags, then the fs's own options."""
     head = b"ro" if sb_flags & c.SB_RDONLY else b"rw"
     if sb_flags & _SB_FLAGS_SHOWN:
         head += "".join(w for bit, w in _SB_FLAG_OPTS if sb_flags & bit).encode()
     if mnt_opts:
-        return head + b"," + _unescape(mnt_opts)
+        # Filesystems write options through seq_show_option(): octal escapes for
+        # ", = \t\n\\", undone here since amountd carries raw bytes.
+        return head + b"," + unescape(mnt_opts)
     return head
 
 

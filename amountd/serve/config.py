@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import msgspec
 
-from ..client import is_loopback, split_hostport
-from ..config import PublishConfig
+from ..client import is_loopback
+from ..config import PublishConfig, parse_hostport
 from ..constants import DEFAULT_SOCKET
 from ..errors import UsageError
 from ..limits import (
@@ -89,7 +89,7 @@ def check_config(config: ServeConfig) -> None:
                 "group): give --tcp HOST:PORT too"
             )
         return
-    host, _ = split_hostport(config.tcp)
+    host, _ = parse_hostport(config.tcp, port_zero=True)
     if not is_loopback(host) and config.token_file is None:
         raise UsageError(
             f"--tcp {config.tcp} is reachable from other machines: give --token-file FILE "

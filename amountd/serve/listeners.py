@@ -19,7 +19,8 @@ import msgspec
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSListener
 
-from ..client import is_loopback, split_hostport
+from ..client import is_loopback
+from ..config import parse_hostport
 from ..errors import AmountdError
 from ..sockdir import bind_unix
 from .config import ServeConfig
@@ -118,7 +119,7 @@ async def open_listeners(
             )
             log.info("listening on unix:%s (mode %o)", config.unix, config.socket_mode)
         if config.tcp is not None:
-            host, port = split_hostport(config.tcp)
+            host, port = parse_hostport(config.tcp, port_zero=True)
             try:
                 tcp: Any = await anyio.create_tcp_listener(local_host=host, local_port=port)
             except OSError as e:

@@ -1,4 +1,5 @@
-"""Capture real fanotify and statmount buffers as hex fixtures for tests/test_kernel_layouts.py.
+"""Capture real fanotify and statmount buffers as hex fixtures for
+tests/unit/test_kernel_layouts.py.
 
 Run as root:  .venv/bin/python tests/data/kernel/capture.py
 It re-executes itself inside a private mount namespace (`unshare -m --propagation
