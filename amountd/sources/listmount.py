@@ -42,6 +42,7 @@ from ..kernel.syscalls import listmount, mntns_info, statmount
 from ..loop import FdWatch, PriorityWatch, close_fd, fd_is_readable
 from ..model import Action, End, Event, Mount
 from ..ns import Namespace, own_ns_id
+from ..sweep import SLICE, SWEEP_BUDGET, SWEEP_BURST, SWEEP_INTERVAL, SweepBudget
 from ..table import MountTable, split_change
 from .base import Change, Source
 from .fanotify import Inside
@@ -49,46 +50,10 @@ from .fanotify import Inside
 __all__ = ["ListmountSource", "SweepBudget", "Tracker"]
 
 PAGE = 512  # IDs per listmount call, as libmount asks
-SWEEP_BUDGET = 0.05  # the sweeps' share of one CPU, on average
-SWEEP_INTERVAL = 30.0  # s between sweeps for propagation changes (they raise no POLLPRI)
-SWEEP_BURST = 0.1  # s of CPU a sweep may spend at once after a quiet spell
-SLICE = 0.001  # s of sweeping between two looks at the kernel's fds
-
 Stat = Callable[[int], bytes | None]
 """The raw statmount answer for a mount ID, None when the mount is gone."""
 Describe = Callable[[bytes], Mount]
 """A raw statmount answer as the Mount mountinfo would show."""
-
-
-class SweepBudget:
-    """A token bucket of CPU seconds: `share` of a second accrues per second, up to
-    `burst`. Pure: the caller passes the time and says what it spent."""
-
-    def __init__(self, share: float, burst: float, now: float) -> None:
-        if not 0 < share <= 1:
-            raise ValueError(f"the sweep budget is a share of one CPU in (0, 1], not {share}")
-        self.share = share
-        self.burst = max(burst, 0.0)
-        self.tokens = self.burst
-        self._at = now
-
-    def _refill(self, now: float) -> None:
-        if now > self._at:
-            self.tokens = min(self.burst, self.tokens + (now - self._at) * self.share)
-        self._at = now
-
-    def allows(self, now: float) -> bool:
-        self._refill(now)
-        return self.tokens > 0
-
-    def spend(self, cpu: float, now: float) -> None:
-        self._refill(now)
-        self.tokens -= cpu
-
-    def wait(self, now: float) -> float:
-        """Seconds until a sweep may run again (0: now)."""
-        self._refill(now)
-        return 0.0 if self.tokens > 0 else (1e-4 - self.tokens) / self.share
 
 
 class Tracker:
