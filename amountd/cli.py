@@ -94,6 +94,39 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _sweep_number(check: Callable[[float], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return check(float(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e} (got {text!r})") from None
+
+    return parse
+
+
+def add_sweep_flags(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """--sweep-interval and --sweep-budget (`watch`; `serve`, whose settings flags
+    default to None so that the settings file applies)."""
+    from .sweep import SWEEP_BUDGET, SWEEP_INTERVAL, check_budget, check_interval
+
+    p.add_argument(
+        "--sweep-interval",
+        type=_sweep_number(check_interval),
+        default=SWEEP_INTERVAL if defaults else None,
+        metavar="SECONDS",
+        help="fanotify, listmount: sweep every mount this often for propagation changes, "
+        f"which the kernel reports nowhere (default: {SWEEP_INTERVAL:g})",
+    )
+    p.add_argument(
+        "--sweep-budget",
+        type=_sweep_number(check_budget),
+        default=SWEEP_BUDGET if defaults else None,
+        metavar="FRACTION",
+        help="fanotify, listmount: the share of one CPU the sweeps that find remounts "
+        f"may take (default: {SWEEP_BUDGET:g})",
+    )
+
+
 COLUMN_NAMES = [
     "ACTION",
     "TARGET",
@@ -236,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
     )
+    add_sweep_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_cmd_watch)
 
@@ -406,6 +440,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     from .columns import DEFAULT_WATCH
     from .ns import resolve_ns
     from .sources import open_source
+    from .sweep import SweepSettings
 
     flt = _filter(args)
     out = Output(args.json, view=None if args.json else make_view(args, DEFAULT_WATCH))
@@ -416,7 +451,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         # loop turn per change.
         async with (
             open_source(
-                args.source, resolve_ns(args.ns), unlimited_queue=args.unlimited_queue
+                args.source,
+                resolve_ns(args.ns),
+                unlimited_queue=args.unlimited_queue,
+                sweep=SweepSettings(args.sweep_interval, args.sweep_budget),
             ) as src,
             aclosing(frames_of(src, snapshot=args.snapshot, filter=flt)) as frames,
         ):

@@ -81,6 +81,7 @@ from .snapcache import DEFAULT_SNAPSHOT_CACHE
 from .sockdir import bind_unix, precheck
 from .sources import Source
 from .sources.multi import open_watch, source_label
+from .sweep import SweepSettings
 from .table import MountTable, apply
 
 __all__ = ["DEFAULT_SOCKET", "STOPPING", "ServeConfig", "check_config", "serve"]
@@ -123,6 +124,10 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     queue: int = 1024
     ring: int = 65536
     unlimited_queue: bool = False
+    sweep_interval: float = 30.0
+    """Seconds between sweeps for propagation changes (fanotify, listmount)."""
+    sweep_budget: float = 0.05
+    """The share of one CPU sweeps may take (fanotify, listmount)."""
     request_timeout: float = 10.0
     """A connection must send its request line within this many seconds."""
     drain_timeout: float = 2.0
@@ -1001,6 +1006,7 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
         namespaces=config.namespaces,
         all_namespaces=config.all_namespaces,
         unlimited_queue=config.unlimited_queue,
+        sweep=SweepSettings(config.sweep_interval, config.sweep_budget),
     ) as src:
         # The table as of the last published frame: the source's own is as of the end
         # of its latest batch, which the pump publishes in slices.

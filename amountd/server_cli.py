@@ -55,7 +55,7 @@ def _hostport(text: str) -> str:
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add `serve` and `subscribe` to the `amountd` parser's subcommands."""
-    from .cli import _add_filters, _add_source, _positive_int, _seconds
+    from .cli import _add_filters, _add_source, _positive_int, _seconds, add_sweep_flags
 
     p = sub.add_parser(
         "serve",
@@ -92,6 +92,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="every mount namespace on the host, and new ones as they appear",
     )
     _add_source(p)
+    add_sweep_flags(p, defaults=False)  # settings: the file's, else the defaults
     p.add_argument(
         "--queue",
         type=_at_least_1,

@@ -29,6 +29,8 @@ _SETTINGS = (
     "queue",
     "ring",
     "unlimited_queue",
+    "sweep_interval",
+    "sweep_budget",
     "max_connections",
     "max_connections_per_uid",
     "stall_timeout",

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 __all__ = [
+    "DEFAULT_SWEEP",
     "SLICE",
     "SWEEP_BUDGET",
     "SWEEP_BURST",
     "SWEEP_INTERVAL",
     "SweepBudget",
     "SweepPlan",
+    "SweepSettings",
     "check_budget",
     "check_interval",
 ]
@@ -48,6 +51,16 @@ SLICE = 0.001  # s of CPU a slice aims at: what a sweep may hold an event back b
 _FIRST_GUESS = 5e-6  # s of CPU one check costs, until measured (a statmount: ~3.4 us)
 _MIN_SLICE, _MAX_SLICE = 16, 4096
 _END = float("inf")  # the cursor at the end of a lap
+
+
+class SweepSettings(NamedTuple):
+    """What a user sets of the sweeps (`--sweep-interval`, `--sweep-budget`)."""
+
+    interval: float = SWEEP_INTERVAL
+    budget: float = SWEEP_BUDGET
+
+
+DEFAULT_SWEEP = SweepSettings()
 
 
 def check_budget(share: float) -> float:
