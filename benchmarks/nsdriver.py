@@ -12,6 +12,8 @@
     python nsdriver.py timed DIR K GAP TAG  K tmpfs mount+umount pairs, each at its own
                                           DIR/TAG/I, GAP seconds before every syscall;
                                           "stamps": [t_call, t_return] of each syscall
+    python nsdriver.py remount DIR I ro|rw  remount DIR/m/I (a populated bind mount)
+                                          read-only or read-write, per mount (MS_BIND)
     python nsdriver.py serve DIR          the ops above read from stdin, one a line
 
 Each op prints one JSON line: {"start": T0, "end": T1, "changes": C}, CLOCK_MONOTONIC
@@ -37,6 +39,8 @@ libc.mount.argtypes = [
     ctypes.c_void_p,
 ]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+MS_RDONLY = 1
+MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MNT_DETACH = 2
@@ -187,6 +191,13 @@ def op_json(op: str, d: bytes, args: list[str]) -> str:
             mount(b"pair", p, b"tmpfs")
         else:
             umount(p)
+        t1 = time.monotonic()
+        changes = 1
+    elif op == "remount":
+        p = d + b"/m/%d" % int(args[0])
+        flags = MS_REMOUNT | MS_BIND | (MS_RDONLY if args[1] == "ro" else 0)
+        t0 = time.monotonic()
+        _check(libc.mount(None, p, None, flags, None), f"remount {p!r}")
         t1 = time.monotonic()
         changes = 1
     elif op == "timed":

@@ -52,7 +52,15 @@ def test_list_names_every_benchmark() -> None:
     res = _bench("--list")
     assert res.returncode == 0, res.stderr
     names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
-    assert names == ["cpu_per_change", "fanout", "fleet", "latency", "memory", "overflow"]
+    assert names == [
+        "cpu_per_change",
+        "fanout",
+        "fleet",
+        "latency",
+        "memory",
+        "overflow",
+        "remount",
+    ]
 
 
 def test_unknown_benchmark_is_a_usage_error() -> None:

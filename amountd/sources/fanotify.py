@@ -301,6 +301,11 @@ class FanotifySource(Source):
         """CPU seconds the sweeps took (for benchmarks and tests)."""
         return 0.0 if self._tracker is None else self._tracker.plan.cpu
 
+    @property
+    def sweep_checks(self) -> int:
+        """Mounts checked by sweeps (one statmount each)."""
+        return 0 if self._tracker is None else self._tracker.plan.checks
+
     async def arm(self) -> None:
         flags = c.FAN_REPORT_MNT | c.FAN_CLOEXEC | c.FAN_NONBLOCK
         notes: list[str] = []
