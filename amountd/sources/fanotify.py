@@ -349,8 +349,13 @@ class FanotifySource(Source):
                 "entering needs CAP_SYS_ADMIN and CAP_SYS_CHROOT)"
             )
         if self._followed is None:
+            when = (
+                "are not reported"
+                if self.sweep_interval is None
+                else f"are reported only by the sweep every {self.sweep_interval:g} s"
+            )
             notes.append(
-                "remounts and propagation changes are not reported: no process is known in "
+                f"remounts and propagation changes {when}: no process is known in "
                 "the namespace to poll its mountinfo (give --ns a PID)"
             )
         self.reason = "; ".join(notes) or None
