@@ -413,3 +413,24 @@ def test_publish_section_is_read_and_checked() -> None:
         parse_config(b"[publish]\nbacklog = 0")
     # Publishing needs a restart: a reload only logs it.
     assert reloadable(Config(), c) == ([], ["publish"])
+
+
+def test_sweep_flags_override_the_file_and_reach_the_server() -> None:
+    """`serve --sweep-interval/--sweep-budget` over the settings file's keys, else the
+    file's, into what the sources are opened with."""
+    from amountd.cli import build_parser
+    from amountd.service import serve_config
+
+    file = Config(sweep_interval=5.0, sweep_budget=0.2)
+    parser = build_parser()
+    names = ("sweep_interval", "sweep_budget")
+    args = parser.parse_args(["serve"])
+    cfg = serve_config(merge(file, {k: getattr(args, k) for k in names}))
+    assert (cfg.sweep_interval, cfg.sweep_budget) == (5.0, 0.2)
+    args = parser.parse_args(["serve", "--sweep-interval", "0.5", "--sweep-budget", "0.01"])
+    cfg = serve_config(merge(file, {k: getattr(args, k) for k in names}))
+    assert (cfg.sweep_interval, cfg.sweep_budget) == (0.5, 0.01)
+    args = parser.parse_args(["watch"])
+    assert (args.sweep_interval, args.sweep_budget) == (30.0, 0.05)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["watch", "--sweep-budget", "0"])
