@@ -379,6 +379,8 @@ class FanotifyTracker:
             if moved is not None and moved != old:
                 self._put(moved)
                 out.append(_event(now, "move", moved, old))
+                if moved.target != old.target:  # a move whose event is still on its way:
+                    self._refresh_below(mid, now, None, None, out)  # its subtree came along
             return
         if s.options is None or s.fs_options is None or s.propagation is None:
             return

@@ -222,6 +222,23 @@ def test_tree_move_redescribes_the_subtree() -> None:
     w.agree()
 
 
+def test_tree_move_seen_by_a_sweep_before_its_event() -> None:
+    """A POLLPRI comes before its fanotify event, and its sweep may run first: a move to
+    another parent found by the sweep takes the subtree along, and the event that
+    follows finds the table as the kernel's."""
+    a, b, cc, o = ROOT + 1, ROOT + 2, ROOT + 3, ROOT + 4
+    w = World(mnt(a, ROOT, "/a"), mnt(b, a, "/a/b"), mnt(cc, b, "/a/b/c"), mnt(o, ROOT, "/o"))
+    w.t.schedule(w.mono)
+    w.k.change(a, parent_id=o, target=fspath("/o/a"))
+    w.k.change(b, target=fspath("/o/a/b"))
+    w.k.change(cc, target=fspath("/o/a/b/c"))
+    out = w.woke(pollpri=True)
+    assert sorted(actions(out)) == [("move", a), ("move", b), ("move", cc)]
+    w.agree()
+    assert w.feed((MOVE, a)) == []
+    w.agree()
+
+
 def test_pivot_root_two_events_with_both_bits() -> None:
     """pivot_root(new, new/old): the old root goes under the new one, the new one
     becomes the root; the kernel reports the two roots, not what hangs below."""
