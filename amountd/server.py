@@ -81,7 +81,7 @@ from .snapcache import DEFAULT_SNAPSHOT_CACHE
 from .sockdir import bind_unix, precheck
 from .sources import Source
 from .sources.multi import open_watch, source_label
-from .sweep import SweepSettings
+from .sweep import SWEEP_BUDGET, SWEEP_INTERVAL, SweepSettings
 from .table import MountTable, apply
 
 __all__ = ["DEFAULT_SOCKET", "STOPPING", "ServeConfig", "check_config", "serve"]
@@ -124,9 +124,9 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     queue: int = 1024
     ring: int = 65536
     unlimited_queue: bool = False
-    sweep_interval: float = 30.0
+    sweep_interval: float = SWEEP_INTERVAL
     """Seconds between sweeps for propagation changes (fanotify, listmount)."""
-    sweep_budget: float = 0.05
+    sweep_budget: float = SWEEP_BUDGET
     """The share of one CPU sweeps may take (fanotify, listmount)."""
     request_timeout: float = 10.0
     """A connection must send its request line within this many seconds."""
