@@ -439,13 +439,9 @@ class FanotifySource(Source):
             if self._fan in ready:
                 self._drain(tracker, out)
             f = self._followed
-            if tracker.phase is Phase.LIVE:
-                if f is not None and f.pri.fd in ready and f.pri.fired():
-                    tracker.pollpri()
-                if not out:  # events first: a slice waits for the next turn
-                    cpu = time.thread_time()
-                    out += tracker.sweep_slice(time.monotonic(), time.time())
-                    tracker.spent(time.thread_time() - cpu, time.monotonic())
+            pri = f is not None and f.pri.fd in ready and f.pri.fired()
+            if pri and tracker.phase is Phase.LIVE:
+                tracker.pollpri()
             self.table = tracker.table  # a resync builds a new one
             if tracker.phase is Phase.ENDED:
                 yield out
@@ -453,7 +449,12 @@ class FanotifySource(Source):
             if f is not None and f.pidfd in ready:
                 self._pid_exited()
             if out:
-                yield out
+                yield out  # events first; then a slice, if one is owed and allowed
+            cpu = time.thread_time()
+            swept = tracker.sweep_slice(time.monotonic(), time.time())
+            tracker.spent(time.thread_time() - cpu, time.monotonic())
+            if swept:
+                yield swept
 
     def close(self) -> None:
         self._drop_pid()
