@@ -1,10 +1,10 @@
 """Remount detection: from a remount syscall's return to the `remount` event, under the
-fanotify source's budgeted sweeps (issue 13), quiet and under churn.
+budgeted sweeps of the fanotify and listmount sources (issue 13), quiet and under churn.
 
 The kernel reports no remount: every mountinfo POLLPRI owes a sweep (one statmount per
 mount, in ~1 ms slices, within `sweep_budget` of one CPU, 5% by default), and the sweep
 finds it. For each table size N a private namespace holds N mounts (bind mounts at
-DIR/m/I) and a FanotifySource watches it in this process (so the sweeps' own CPU is
+DIR/m/I) and the source watches it in this process (so the sweeps' own CPU is
 read from the source: `sweep_cpu`, thread CPU time around each slice). nsdriver.py
 remounts DIR/m/I (per mount, read-only and back), one mount per remount, and reads
 CLOCK_MONOTONIC around the syscall; the consumer reads the same clock as the event
@@ -43,9 +43,10 @@ from .common import (
 )
 from .serving import percentile
 
-__all__ = ["SIZES", "run"]
+__all__ = ["PHASES", "SIZES", "SOURCES", "run"]
 
 SIZES = (1000, 10000)
+SOURCES = ("fanotify", "listmount")
 CHURN_GAP = 0.004  # s between the churn's changes: 250 a second
 PHASES = ("quiet", "churn")
 
@@ -96,7 +97,13 @@ def _step_costs(ns: PrivateNs) -> dict[str, float]:
 
 
 def _phase(
-    ns: PrivateNs, n: int, phase: str, *, picks: list[int], spacing: tuple[float, float]
+    ns: PrivateNs,
+    n: int,
+    phase: str,
+    *,
+    source: str,
+    picks: list[int],
+    spacing: tuple[float, float],
 ) -> dict[str, Any]:
     """Remounts of DIR/m/I for I in `picks` (quiet, or among churn), at random places
     in the lap; their latencies and the sweeps' CPU. The first is a warm-up, left out:
@@ -107,6 +114,7 @@ def _phase(
     from amountd.model import Event
     from amountd.ns import resolve_ns
     from amountd.sources.fanotify import FanotifySource
+    from amountd.sources.listmount import ListmountSource
 
     prefix = f"{ns.base}/m/"
     arrivals: dict[int, float] = {}
@@ -114,7 +122,11 @@ def _phase(
     out: dict[str, Any] = {}
 
     async def main() -> None:
-        async with FanotifySource(resolve_ns(ns.pid)) as src, anyio.create_task_group() as tg:
+        target = resolve_ns(ns.pid)
+        src: FanotifySource | ListmountSource = (
+            FanotifySource(target) if source == "fanotify" else ListmountSource(target)
+        )
+        async with src, anyio.create_task_group() as tg:
 
             async def consume() -> None:
                 async for batch in src.changes():
@@ -166,6 +178,7 @@ def _phase(
     lat = [(arrivals[i] - returns[i]) * 1e3 for i in returns if i in arrivals]
     rec: dict[str, Any] = {
         "size": n,
+        "source": source,
         "phase": phase,
         "remounts": len(returns),
         "reported": len(lat),
@@ -191,6 +204,7 @@ def run(opts: Options) -> Result:
     else:
         sizes, phases = SIZES, PHASES
         k_quiet, k_churn = 30, 20
+    sources = SOURCES
     missing = left_out({"sizes": SIZES, "phases": PHASES}, {"sizes": sizes, "phases": phases})
     records: list[dict[str, Any]] = []
     costs: dict[int, dict[str, float]] = {}
@@ -201,34 +215,39 @@ def run(opts: Options) -> Result:
             opts.log(f"N={n}: {mounts} mounts in the namespace of pid {ns.pid}")
             # Each remount of its own bind mount, at a random place among the N (the
             # sweep's cursor goes round in ID order: where a mount sits matters).
-            picks = random.Random(n).sample(range(mounts - have), k_quiet + k_churn + 2)
+            every = random.Random(n).sample(
+                range(mounts - have), len(sources) * (k_quiet + k_churn + 2)
+            )
             costs[n] = _step_costs(ns)
             # Quiet: a lone remount finds the burst back (a lap's CPU / budget, and more).
             lap_s = costs[n]["statmount_hash_us"] * mounts / 1e6
             quiet_gap = max(0.1, 1.5 * lap_s / 0.05)
-            for phase in phases:
-                mine, picks = (
-                    (picks[: k_quiet + 1], picks[k_quiet + 1 :])
-                    if phase == "quiet"
-                    else (picks, [])
-                )
-                spacing = (quiet_gap, quiet_gap * 1.2) if phase == "quiet" else (0.3, 0.9)
-                rec = _phase(ns, mounts, phase, picks=mine, spacing=spacing)
-                rec["mounts"] = mounts
-                rec.update(costs[n])
-                records.append(rec)
-                opts.log(
-                    f"N={mounts} {phase}: p50 {rec['p50_ms'] or 0:.1f} p99 "
-                    f"{rec['p99_ms'] or 0:.1f} max {rec['max_ms'] or 0:.1f} ms "
-                    f"({rec['reported']}/{rec['remounts']}); sweeps "
-                    f"{100 * (rec['sweep_cpu_share'] or 0):.1f}% of a CPU"
-                )
-                if rec["missing"]:
-                    raise BenchmarkError(f"N={mounts} {phase}: {rec['missing']} remounts lost")
+            per = k_quiet + k_churn + 2
+            for j, source in enumerate(sources):
+                picks = every[j * per : (j + 1) * per]
+                for phase in phases:
+                    k = k_quiet + 1 if phase == "quiet" else len(picks)
+                    mine, picks = picks[:k], picks[k:]
+                    spacing = (quiet_gap, quiet_gap * 1.2) if phase == "quiet" else (0.3, 0.9)
+                    rec = _phase(ns, mounts, phase, source=source, picks=mine, spacing=spacing)
+                    rec["mounts"] = mounts
+                    rec.update(costs[n])
+                    records.append(rec)
+                    opts.log(
+                        f"N={mounts} {source} {phase}: p50 {rec['p50_ms'] or 0:.1f} p99 "
+                        f"{rec['p99_ms'] or 0:.1f} max {rec['max_ms'] or 0:.1f} ms "
+                        f"({rec['reported']}/{rec['remounts']}); sweeps "
+                        f"{100 * (rec['sweep_cpu_share'] or 0):.1f}% of a CPU"
+                    )
+                    if rec["missing"]:
+                        raise BenchmarkError(
+                            f"N={mounts} {source} {phase}: {rec['missing']} remounts lost"
+                        )
     return Result(
         name="remount",
         params={
             "sizes": list(sizes),
+            "sources": list(sources),
             "phases": list(phases),
             "churn_gap_ms": CHURN_GAP * 1e3,
             "sweep_budget": 0.05,
@@ -239,7 +258,7 @@ def run(opts: Options) -> Result:
         tables=_tables(records),
         notes=[
             *left_out_note(missing),
-            "latency = the remount event leaving the fanotify source (in-process) - the "
+            "latency = the remount event leaving the source (in-process) - the "
             "return of the remount's mount(2) (CLOCK_MONOTONIC on both sides)",
             "quiet: remounts alone, spaced so the sweeps' burst is back; churn: a tmpfs "
             f"mount or umount every {CHURN_GAP * 1e3:g} ms all along, remounts 0.3-0.9 s "
@@ -255,9 +274,10 @@ def run(opts: Options) -> Result:
 
 def _tables(records: list[dict[str, Any]]) -> list[Table]:
     main = Table(
-        "Remount detection, fanotify source: remount(2) return to the event (ms)",
+        "Remount detection by the sweeps: remount(2) return to the event (ms)",
         [
             "N",
+            "source",
             "phase",
             "reported",
             "p50",
@@ -270,6 +290,7 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
         [
             [
                 r["mounts"],
+                r["source"],
                 r["phase"],
                 f"{r['reported']}/{r['remounts']}",
                 r["p50_ms"],
@@ -304,25 +325,29 @@ def plot(result: Result, path: Path) -> None:
     colors = {"quiet": "tab:green", "churn": "tab:red"}
     styles = ["-", "--", ":"]
     sizes = sorted({r["size"] for r in recs})
-    with figure(path, width=6.0, height=4.5) as fig:
-        ax = fig.add_subplot(1, 1, 1)
-        for r in recs:
-            xs = sorted(r["latencies_ms"])
-            ys = [(j + 1) / len(xs) for j in range(len(xs))]
-            ax.step(
-                xs,
-                ys,
-                styles[sizes.index(r["size"]) % len(styles)],
-                where="post",
-                color=colors.get(r["phase"]),
-                label=f"{r['phase']}, {r['mounts']:,} mounts",
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("remount(2) return to the remount event (ms)")
-        ax.set_ylabel("fraction of remounts")
-        ax.set_title("Remount detection by budgeted sweeps (fanotify)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+    sources = [s for s in SOURCES if any(r["source"] == s for r in recs)]
+    with figure(path, width=5.5 * max(1, len(sources)), height=4.5) as fig:
+        for i, source in enumerate(sources):
+            ax = fig.add_subplot(1, len(sources), i + 1)
+            for r in recs:
+                if r["source"] != source:
+                    continue
+                xs = sorted(max(v, 0.01) for v in r["latencies_ms"])
+                ys = [(j + 1) / len(xs) for j in range(len(xs))]
+                ax.step(
+                    xs,
+                    ys,
+                    styles[sizes.index(r["size"]) % len(styles)],
+                    where="post",
+                    color=colors.get(r["phase"]),
+                    label=f"{r['phase']}, {r['mounts']:,} mounts",
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("remount(2) return to the remount event (ms; <= 0 at 0.01)")
+            ax.set_ylabel("fraction of remounts")
+            ax.set_title(f"{source}: remounts found by budgeted sweeps")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
 
 
 register(

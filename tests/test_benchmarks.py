@@ -375,14 +375,15 @@ def test_quick_fleet_is_well_formed(quick_results: tuple[Path, str]) -> None:
 
 def test_quick_remount_is_well_formed(quick_results: tuple[Path, str]) -> None:
     out, stdout = quick_results
-    assert "Remount detection, fanotify source" in stdout
+    assert "Remount detection by the sweeps" in stdout
     assert (out / "remount.txt").read_text(encoding="utf-8").startswith("machine: ")
     doc = _load(out, "remount")
     p = doc["params"]
     _covers(p, "sizes", remount.SIZES)
     _covers(p, "phases", remount.PHASES)
-    assert sorted((r["size"], r["phase"]) for r in doc["records"]) == sorted(
-        (n, ph) for n in p["sizes"] for ph in p["phases"]
+    assert p["sources"] == list(remount.SOURCES)
+    assert sorted((r["size"], r["source"], r["phase"]) for r in doc["records"]) == sorted(
+        (n, s, ph) for n in p["sizes"] for s in p["sources"] for ph in p["phases"]
     )
     for r in doc["records"]:
         assert r["mounts"] >= r["size"] > 0

@@ -287,6 +287,11 @@ class ListmountSource(Source):
         """CPU seconds the sweeps took (for benchmarks and tests)."""
         return self._plan.cpu
 
+    @property
+    def sweep_checks(self) -> int:
+        """Mounts checked by sweeps (one statmount each)."""
+        return self._plan.checks
+
     def _slice(self) -> list[Change]:
         """The mounts the plan hands out now (about one slice of CPU, or none),
         checked, and what that cost charged to the budget."""
