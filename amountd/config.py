@@ -26,6 +26,7 @@ from .limits import (
 )
 from .model import Action, fspath
 from .snapcache import DEFAULT_SNAPSHOT_CACHE
+from .sweep import SWEEP_BUDGET, SWEEP_INTERVAL
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -130,6 +131,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     queue: Annotated[int, msgspec.Meta(ge=1)] = 1024
     ring: Annotated[int, msgspec.Meta(ge=0)] = 65536
     unlimited_queue: bool = False
+    sweep_interval: Annotated[float, msgspec.Meta(gt=0)] = SWEEP_INTERVAL
+    sweep_budget: Annotated[float, msgspec.Meta(gt=0, le=1)] = SWEEP_BUDGET
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_CONNECTIONS
     max_connections_per_uid: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_CONNECTIONS_PER_UID
     stall_timeout: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_STALL_TIMEOUT

@@ -58,6 +58,10 @@ class FdWatch:
     async def wait(self) -> list[int]:
         """Wait until one fd is readable; the fds that are (level-triggered: still so)."""
         await anyio.wait_readable(self._ep.fileno())
+        return self.ready()
+
+    def ready(self) -> list[int]:
+        """The fds readable now, without waiting."""
         return [fd for fd, _ in self._ep.poll(0)]
 
     def close(self) -> None:

@@ -7,18 +7,16 @@ mountinfo POLLPRI, and the time, and returns the changes the source emits (`Even
 through a `Kernel`: the source answers with statmount and listmount, a test with a
 dictionary. No clock, no fd and no syscall here, so every case runs without root.
 
-Two phases are explicit, each an Enum with its transitions:
+The phase is explicit, an Enum with its transitions (`Phase`): LIVE until the
+namespace is freed, then ENDED (an `End` was returned); feeding an ended tracker raises
+`TrackerError`. The kernel reports a freed namespace as one DETACH per mount; when those
+were lost in a queue overflow, the resync's listing says it instead (the namespace can
+no longer be listed, or lists nothing).
 
-- `Phase`: LIVE until the namespace is freed, then ENDED (an `End` was returned);
-  feeding an ended tracker raises `TrackerError`. The kernel reports a freed namespace
-  as one DETACH per mount; when those were lost in a queue overflow, the resync's
-  listing says it instead (the namespace can no longer be listed, or lists nothing).
-- `Explain`: whether a mountinfo POLLPRI still waits for the fanotify event that
-  explains it (QUIET, WAITING until `due`). POLLPRI comes for every change, remounts
-  included, and before the change's fanotify event is queued; one that neither the
-  namespace's mount count nor an event explains within `grace` starts a sweep.
-  Propagation changes raise neither POLLPRI nor an event: a background sweep every
-  `sweep_interval` seconds (after `schedule()`) finds them.
+Remounts and propagation changes come with no event: every mountinfo POLLPRI (`pollpri`)
+owes a sweep, and so does every `sweep_interval` seconds, for propagation changes, which
+raise no POLLPRI. When and what to sweep is the `SweepPlan`'s (amountd/sweep.py): in
+slices (`sweep_slice`) between the source's reads, under a CPU budget (`spent`).
 
 Records are built once and never changed (msgspec.structs.replace): the tracker hands
 out the same values it keeps.
@@ -26,7 +24,7 @@ out the same values it keeps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from enum import Enum
 from typing import Any, NamedTuple, Protocol
 
@@ -35,10 +33,10 @@ import msgspec
 from .kernel import consts as c
 from .kernel.layouts import FanEvent, StatMount, fs_options_of, options_of, propagation_of
 from .model import Action, End, Event, FsPath, Mount, Resync, fspath
+from .sweep import SweepPlan
 from .table import MountTable, diff
 
 __all__ = [
-    "Explain",
     "FanotifyTracker",
     "Kernel",
     "Phase",
@@ -108,16 +106,11 @@ class Phase(Enum):
     ENDED = "ended"  # the namespace was freed: an End went out, nothing more comes
 
 
-class Explain(Enum):
-    QUIET = "quiet"  # every POLLPRI so far is explained
-    WAITING = "waiting"  # a POLLPRI no event explained yet: sweep at `due` unless one lands
-
-
 class FanotifyTracker:
     """A namespace's table, kept by fanotify events, POLLPRI wake-ups and sweeps.
 
     `table` is the table as of the last change returned. Times come in: `now` (wall
-    clock, stamped on events) and `mono` (a monotonic clock, for the grace).
+    clock, stamped on events) and `mono` (a monotonic clock, for the sweep plan).
     """
 
     def __init__(
@@ -126,20 +119,13 @@ class FanotifyTracker:
         kernel: Kernel,
         table: MountTable,
         *,
-        grace: float = 0.02,
-        sweep_interval: float | None = 30.0,
+        plan: SweepPlan | None = None,
     ) -> None:
         self.ns_id = ns_id
-        self.grace = grace
-        self.sweep_interval = sweep_interval
-        self._background_at: float | None = None  # (mono) the next background sweep
-        self.sweeps = 0
+        self.plan = plan if plan is not None else SweepPlan()
         self._kernel = kernel
         self._table = table
         self._phase = Phase.LIVE
-        self._explain = Explain.QUIET
-        self._due = 0.0
-        self._count: int | None = None  # the mount count when a POLLPRI was last explained
         self._swept: dict[int, int] = {}  # mount ID -> hash of its last sweep answer
         self._at: dict[tuple[int | None, str | None], set[int]] = {}  # (parent, target)
         self._reindex()
@@ -154,25 +140,9 @@ class FanotifyTracker:
     def phase(self) -> Phase:
         return self._phase
 
-    @property
-    def explain(self) -> Explain:
-        return self._explain
-
-    @property
-    def due(self) -> float | None:
-        """When (mono) the tracker wants to be woken: the unexplained POLLPRI's grace
-        ends, or the background sweep is due; None: only an fd wakes it."""
-        due = self._due if self._explain is Explain.WAITING else None
-        bg = self._background_at
-        if bg is not None and (due is None or bg < due):
-            return bg
-        return due
-
     def schedule(self, mono: float) -> None:
-        """Start the background sweeps' clock (propagation changes raise no POLLPRI and
-        no event: a sweep every `sweep_interval` finds them)."""
-        if self.sweep_interval is not None and self._background_at is None:
-            self._background_at = mono + self.sweep_interval
+        """Start the background sweeps' clock and the budget's (the source is armed)."""
+        self.plan.start(mono)
 
     def _check_live(self) -> None:
         if self._phase is not Phase.LIVE:
@@ -181,7 +151,6 @@ class FanotifyTracker:
     def _end(self, out: list[Change]) -> None:
         out.append(End(reason=f"mount namespace {self.ns_id} was freed"))
         self._phase = Phase.ENDED
-        self._explain = Explain.QUIET
 
     # ------------------------------------------------------------------ fanotify
 
@@ -280,6 +249,7 @@ class FanotifyTracker:
 
     def _remove(self, key: int) -> Mount | None:
         old = self._table.pop(key)
+        self._swept.pop(key, None)
         if old is not None:
             self._at.get((old.parent_id, old.target), set()).discard(key)
         return old
@@ -343,131 +313,95 @@ class FanotifyTracker:
 
     # ------------------------------------------------------------- POLLPRI and sweeps
 
-    def count_known(self, count: int) -> None:
-        """The namespace's mount count, as a baseline (when a process is followed anew)."""
-        self._count = count
-
-    def unfollowed(self) -> None:
-        """No process of the namespace is followed any more: no POLLPRI will come to be
-        explained, and nothing waits for a grace that can no longer end in a sweep."""
-        self._explain = Explain.QUIET
-
-    def woke(
-        self,
-        mono: float,
-        now: float,
-        *,
-        drained: int,
-        pollpri: bool,
-        count: Callable[[], int] | None = None,
-        queued: Callable[[], bool] = lambda: False,
-    ) -> list[Change]:
-        """After one wake-up of the source's loop (`pollpri` only while a process of
-        the namespace is followed), and when `due` came.
-
-        `drained`: how many fanotify events were read in this wake-up; `pollpri`:
-        whether mountinfo's POLLPRI fired; `count()`: the namespace's mount count now
-        (None where the kernel cannot say); `queued()`: whether an event is queued,
-        unread. Returns the sweep's changes when a POLLPRI's grace ran out unexplained.
-        """
+    def pollpri(self) -> None:
+        """mountinfo's POLLPRI fired: a sweep is owed, whatever else explains it (a
+        remount made while a mount or umount is under way raises no POLLPRI of its own)."""
         self._check_live()
-        if pollpri and not self._explained(drained, count, queued):
-            if self._explain is Explain.QUIET:
-                self._explain = Explain.WAITING
-                self._due = mono + self.grace
-        elif drained:
-            self._explain = Explain.QUIET  # the event it waited for came
-        swept = False
+        self.plan.poke()
+
+    def wake_at(self, mono: float) -> float | None:
+        """When (mono) the source should run `sweep_slice`: now, or when the budget
+        or the background interval allows; None: only an fd wakes it."""
+        if self._phase is not Phase.LIVE:
+            return None
+        return self.plan.wake_at(mono)
+
+    def sweep_slice(self, mono: float, now: float) -> list[Change]:
+        """Check the next few mounts the plan hands out (about one slice of CPU, or
+        none when nothing is owed or the budget says wait); the source then reports
+        what the slice cost with `spent`."""
+        self._check_live()
         out: list[Change] = []
-        if self._explain is Explain.WAITING and mono >= self._due:
-            self._explain = Explain.QUIET
-            out = self.sweep(now)  # a POLLPRI that no fanotify event explained
-            swept = True
-        if self._background_at is not None and mono >= self._background_at:
-            if not swept:
-                out = self.sweep(now)
-            swept = True
-        if swept and self._background_at is not None and self.sweep_interval is not None:
-            self._background_at = mono + self.sweep_interval  # a sweep just looked
+        ids = self.plan.take(mono, self._table.keys)
+        for mid in ids:
+            self._check(mid, now, out)
         return out
 
-    def _explained(
-        self, drained: int, count: Callable[[], int] | None, queued: Callable[[], bool]
-    ) -> bool:
-        """Does a fanotify event account for the POLLPRI that just came?
+    def spent(self, cpu: float, mono: float) -> None:
+        """The CPU seconds the last `sweep_slice` took."""
+        self.plan.spent(cpu, mono)
 
-        A mount or umount changes the namespace's mount count and a remount does not:
-        a changed count is explained at once, whenever its fanotify event lands
-        (measured: up to ~20 ms after the POLLPRI under load). An unchanged count is a
-        remount, a propagation change, a move, or a mount and umount taken together: an
-        event read in the same wake-up, queued, or landing within `grace` explains it.
-        """
-        if count is not None:
-            nr = count()
-            if nr != self._count:  # a mount or umount: fanotify reports it, now or soon
-                self._count = nr
-                return True
-        return drained > 0 or queued()
+    @property
+    def sweeps(self) -> int:
+        """Laps finished: sweeps that covered a POLLPRI or the interval."""
+        return self.plan.laps
 
     def sweep(self, now: float) -> list[Change]:
-        """Find remounts and propagation changes: flags and fs options of every mount.
-
-        One probe per mount; an answer equal to the last sweep's for that mount (by
-        hash) is skipped undecoded, and a mount whose options or propagation differ
-        from the table's is replaced and reported.
-        """
+        """A whole sweep at once, outside the plan and its budget (tests, tools)."""
         self._check_live()
-        self.sweeps += 1
         out: list[Change] = []
-        kernel = self._kernel
-        table = self._table
-        swept = self._swept
-        ids = kernel.list_ids()
-        if ids is None:
-            return out  # gone: its DETACHes are on the way
-        if len(swept) > 2 * len(ids):  # forget mounts that are gone
-            live = set(ids)
-            self._swept = swept = {k: v for k, v in swept.items() if k in live}
-        for mid in ids:
-            old = table.get(mid)
-            if old is None:
-                continue  # new: its ATTACH is on the way
-            answer = kernel.probe(mid)
-            if answer is None:
-                continue  # its DETACH is on the way
-            digest = hash(answer)
-            if swept.get(mid) == digest:
-                continue  # unchanged since the last sweep, and not re-described since
-            swept[mid] = digest
-            s = kernel.decode(answer)
-            if s.parent_id is not None and s.parent_id != old.parent_id:
-                # a new parent no event told of (see _retuck): describe it anew
-                moved = kernel.describe(mid)
-                if moved is not None and moved != old:
-                    self._put(moved)
-                    out.append(_event(now, "move", moved, old))
-                continue
-            if s.options is None or s.fs_options is None or s.propagation is None:
-                continue
-            if (s.options, s.fs_options, s.propagation) == (
-                old.options,
-                old.fs_options,
-                old.propagation,
-            ):
-                continue
-            # One event per kind of change, propagation first: applied in order, they
-            # give the kernel's record (a consumer filtering on either sees its own).
-            cur = old
-            if s.propagation != old.propagation:
-                new = msgspec.structs.replace(cur, propagation=s.propagation)
-                out.append(_event(now, "propagation", new, cur))
-                cur = new
-            if (s.options, s.fs_options) != (old.options, old.fs_options):
-                new = msgspec.structs.replace(cur, options=s.options, fs_options=s.fs_options)
-                out.append(_event(now, "remount", new, cur))
-                cur = new
-            table.add(cur)
+        for mid in sorted(self._table.keys()):
+            self._check(mid, now, out)
         return out
+
+    def _check(self, mid: int, now: float, out: list[Change]) -> None:
+        """One step of a sweep: the mount's flags and fs options against the table's.
+
+        An answer equal (by hash) to the last one for that mount is skipped undecoded;
+        a mount whose options or propagation differ is replaced and reported.
+        """
+        answer = self._kernel.probe(mid)
+        if answer is None:
+            return  # gone: its DETACH is on the way
+        digest = hash(answer)
+        swept = self._swept
+        if swept.get(mid) == digest:
+            return  # unchanged since the last sweep, and not re-described since
+        old = self._table.get(mid)
+        if old is None:
+            return  # new: its ATTACH is on the way
+        swept[mid] = digest
+        kernel = self._kernel
+        s = kernel.decode(answer)
+        if s.parent_id is not None and s.parent_id != old.parent_id:
+            # a new parent no event told of (see _retuck): describe it anew
+            moved = kernel.describe(mid)
+            if moved is not None and moved != old:
+                self._put(moved)
+                out.append(_event(now, "move", moved, old))
+                if moved.target != old.target:  # a move whose event is still on its way:
+                    self._refresh_below(mid, now, None, None, out)  # its subtree came along
+            return
+        if s.options is None or s.fs_options is None or s.propagation is None:
+            return
+        if (s.options, s.fs_options, s.propagation) == (
+            old.options,
+            old.fs_options,
+            old.propagation,
+        ):
+            return
+        # One event per kind of change, propagation first: applied in order, they
+        # give the kernel's record (a consumer filtering on either sees its own).
+        cur = old
+        if s.propagation != old.propagation:
+            new = msgspec.structs.replace(cur, propagation=s.propagation)
+            out.append(_event(now, "propagation", new, cur))
+            cur = new
+        if (s.options, s.fs_options) != (old.options, old.fs_options):
+            new = msgspec.structs.replace(cur, options=s.options, fs_options=s.fs_options)
+            out.append(_event(now, "remount", new, cur))
+            cur = new
+        self._table.add(cur)
 
 
 def _event(

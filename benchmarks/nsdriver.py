@@ -12,6 +12,8 @@
     python nsdriver.py timed DIR K GAP TAG  K tmpfs mount+umount pairs, each at its own
                                           DIR/TAG/I, GAP seconds before every syscall;
                                           "stamps": [t_call, t_return] of each syscall
+    python nsdriver.py remount DIR I ro|rw  remount DIR/m/I (a populated bind mount)
+                                          read-only or read-write, per mount (MS_BIND)
     python nsdriver.py serve DIR          the ops above read from stdin, one a line
 
 Each op prints one JSON line: {"start": T0, "end": T1, "changes": C}, CLOCK_MONOTONIC
@@ -29,7 +31,7 @@ import time
 
 # The mount calls are the tests' (tests/mountcalls.py): this runs as a script, by path.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from mountcalls import MNT_DETACH, MS_BIND, MS_REC, mount, umount
+from mountcalls import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, mount, umount
 
 
 def _dirs(base: bytes, n: int) -> list[bytes]:
@@ -163,6 +165,13 @@ def op_json(op: str, d: bytes, args: list[str]) -> str:
             mount(b"pair", p, b"tmpfs")
         else:
             umount(p)
+        t1 = time.monotonic()
+        changes = 1
+    elif op == "remount":
+        p = d + b"/m/%d" % int(args[0])
+        flags = MS_REMOUNT | MS_BIND | (MS_RDONLY if args[1] == "ro" else 0)
+        t0 = time.monotonic()
+        mount(None, p, None, flags)
         t1 = time.monotonic()
         changes = 1
     elif op == "timed":

@@ -25,6 +25,7 @@ from . import (  # noqa: F401  (they register themselves)
     latency,
     memory,
     overflow,
+    remount,
 )
 from .common import (
     BENCHMARKS,

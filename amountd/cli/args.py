@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ..constants import DEFAULT_SOCKET
@@ -110,6 +110,39 @@ def add_source(p: argparse.ArgumentParser) -> None:
         metavar="auto|fanotify|listmount|mountinfo",
         help="where changes come from (default: auto = fanotify on Linux 6.15+, else "
         "listmount on 6.8+, else mountinfo, saying why)",
+    )
+
+
+def _sweep_number(check: Callable[[float], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return check(float(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e} (got {text!r})") from None
+
+    return parse
+
+
+def add_sweep_flags(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """--sweep-interval and --sweep-budget (`watch`; `serve`, whose settings flags
+    default to None so that the settings file applies)."""
+    from ..sweep import SWEEP_BUDGET, SWEEP_INTERVAL, check_budget, check_interval
+
+    p.add_argument(
+        "--sweep-interval",
+        type=_sweep_number(check_interval),
+        default=SWEEP_INTERVAL if defaults else None,
+        metavar="SECONDS",
+        help="fanotify, listmount: sweep every mount this often for propagation changes, "
+        f"which the kernel reports nowhere (default: {SWEEP_INTERVAL:g})",
+    )
+    p.add_argument(
+        "--sweep-budget",
+        type=_sweep_number(check_budget),
+        default=SWEEP_BUDGET if defaults else None,
+        metavar="FRACTION",
+        help="fanotify, listmount: the share of one CPU the sweeps that find remounts "
+        f"may take (default: {SWEEP_BUDGET:g})",
     )
 
 

@@ -44,6 +44,8 @@ SETTINGS = (
     "queue",
     "ring",
     "unlimited_queue",
+    "sweep_interval",
+    "sweep_budget",
     "max_connections",
     "max_connections_per_uid",
     "stall_timeout",

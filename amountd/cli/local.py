@@ -13,6 +13,7 @@ from .args import (
     add_ns,
     add_output_flags,
     add_source,
+    add_sweep_flags,
     filter_of,
     make_view,
     positive_int,
@@ -65,6 +66,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fanotify: an unbounded kernel queue (real root only; a stalled reader pins memory)",
     )
+    add_sweep_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_cmd_watch)
 
@@ -123,6 +125,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     from ..columns import DEFAULT_WATCH
     from ..ns import resolve_ns
     from ..sources import open_source
+    from ..sweep import SweepSettings
     from .run import Output, print_frames, run, run_until_signal
 
     flt = filter_of(args)
@@ -134,7 +137,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         # loop turn per change.
         async with (
             open_source(
-                args.source, resolve_ns(args.ns), unlimited_queue=args.unlimited_queue
+                args.source,
+                resolve_ns(args.ns),
+                unlimited_queue=args.unlimited_queue,
+                sweep=SweepSettings(args.sweep_interval, args.sweep_budget),
             ) as src,
             aclosing(frames_of(src, snapshot=args.snapshot, filter=flt)) as frames,
         ):

@@ -11,7 +11,15 @@ from typing import Any
 
 from ..constants import DEFAULT_CONFIG, DEFAULT_SOCKET
 from ..errors import UsageError
-from .args import add_source, at_least_0, at_least_1, hostport, seconds, socket_path
+from .args import (
+    add_source,
+    add_sweep_flags,
+    at_least_0,
+    at_least_1,
+    hostport,
+    seconds,
+    socket_path,
+)
 from .constants import SETTINGS
 
 __all__ = ["add_commands", "add_serve_flags", "cmd_serve"]
@@ -105,6 +113,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="every mount namespace on the host, and new ones as they appear",
     )
     add_source(p)
+    add_sweep_flags(p, defaults=False)  # settings: the file's, else the defaults
     p.add_argument(
         "--queue",
         type=at_least_1,

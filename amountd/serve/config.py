@@ -17,6 +17,7 @@ from ..limits import (
     DEFAULT_STALL_TIMEOUT,
 )
 from ..snapcache import DEFAULT_SNAPSHOT_CACHE
+from ..sweep import SWEEP_BUDGET, SWEEP_INTERVAL
 
 __all__ = ["ServeConfig", "check_config"]
 
@@ -40,6 +41,10 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     queue: int = 1024
     ring: int = 65536
     unlimited_queue: bool = False
+    sweep_interval: float = SWEEP_INTERVAL
+    """Seconds between sweeps for propagation changes (fanotify, listmount)."""
+    sweep_budget: float = SWEEP_BUDGET
+    """The share of one CPU sweeps may take (fanotify, listmount)."""
     request_timeout: float = 10.0
     """A connection must send its request line within this many seconds."""
     drain_timeout: float = 2.0

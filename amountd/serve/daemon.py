@@ -109,6 +109,8 @@ def serve_config(settings: Config) -> ServeConfig:
         queue=settings.queue,
         ring=settings.ring,
         unlimited_queue=settings.unlimited_queue,
+        sweep_interval=settings.sweep_interval,
+        sweep_budget=settings.sweep_budget,
         max_connections=settings.max_connections,
         max_connections_per_uid=settings.max_connections_per_uid,
         stall_timeout=settings.stall_timeout,

@@ -35,6 +35,7 @@ from ..protocol import StatusRequest
 from ..sockdir import precheck
 from ..sources import Source
 from ..sources.multi import open_watch, source_label
+from ..sweep import SweepSettings
 from ..table import MountTable
 from ..tokens import read_token
 from .config import ServeConfig, check_config
@@ -190,6 +191,7 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
         namespaces=config.namespaces,
         all_namespaces=config.all_namespaces,
         unlimited_queue=config.unlimited_queue,
+        sweep=SweepSettings(config.sweep_interval, config.sweep_budget),
     ) as src:
         # The table as of the last published frame: the source's own is as of the end
         # of its latest batch, which the pump publishes in slices.

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from ..errors import AmountdError, UsageError
 from ..ns import Namespace
+from ..sweep import DEFAULT_SWEEP, SweepSettings
 from ..table import MountTable
 from .base import Change, Source
 
@@ -15,16 +16,21 @@ __all__ = ["SOURCES", "Change", "Source", "arm_source", "fell_back", "open_sourc
 SOURCES = ("auto", "fanotify", "listmount", "mountinfo")
 
 
-def _fanotify(ns: Namespace, unlimited_queue: bool) -> Source:
+def _fanotify(ns: Namespace, unlimited_queue: bool, sweep: SweepSettings) -> Source:
     from .fanotify import FanotifySource
 
-    return FanotifySource(ns, unlimited_queue=unlimited_queue)
+    return FanotifySource(
+        ns,
+        unlimited_queue=unlimited_queue,
+        sweep_interval=sweep.interval,
+        sweep_budget=sweep.budget,
+    )
 
 
-def _listmount(ns: Namespace) -> Source:
+def _listmount(ns: Namespace, sweep: SweepSettings) -> Source:
     from .listmount import ListmountSource
 
-    return ListmountSource(ns)
+    return ListmountSource(ns, sweep_interval=sweep.interval, sweep_budget=sweep.budget)
 
 
 def fell_back(what: str, e: BaseException, to: str) -> str:
@@ -59,17 +65,27 @@ def _mountinfo(ns: Namespace) -> Source:
 
 @asynccontextmanager
 async def open_source(
-    kind: str, ns: Namespace, *, unlimited_queue: bool = False
+    kind: str,
+    ns: Namespace,
+    *,
+    unlimited_queue: bool = False,
+    sweep: SweepSettings = DEFAULT_SWEEP,
 ) -> AsyncIterator[Source]:
     """An armed source: every change after this yields is reported by `changes()`."""
-    src = await arm_source(kind, ns, unlimited_queue=unlimited_queue)
+    src = await arm_source(kind, ns, unlimited_queue=unlimited_queue, sweep=sweep)
     try:
         yield src
     finally:
         src.close()
 
 
-async def arm_source(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
+async def arm_source(
+    kind: str,
+    ns: Namespace,
+    *,
+    unlimited_queue: bool = False,
+    sweep: SweepSettings = DEFAULT_SWEEP,
+) -> Source:
     """The source `kind` names, armed (the caller closes it). `auto`: fanotify (6.15+),
     else listmount (6.8+), else mountinfo, with `reason` saying why."""
     if kind not in SOURCES:
@@ -78,7 +94,7 @@ async def arm_source(kind: str, ns: Namespace, *, unlimited_queue: bool = False)
     src: Source | None = None
     if kind in ("auto", "fanotify"):
         try:
-            src = await _armed(_fanotify(ns, unlimited_queue))  # closed if interrupted
+            src = await _armed(_fanotify(ns, unlimited_queue, sweep))  # closed if interrupted
         except (AmountdError, ImportError) as e:
             src = None
             if kind == "fanotify":
@@ -88,7 +104,7 @@ async def arm_source(kind: str, ns: Namespace, *, unlimited_queue: bool = False)
             reason = fell_back("fanotify_init", e, "listmount")
     if src is None and kind in ("auto", "listmount"):
         try:
-            src = await _armed(_listmount(ns))
+            src = await _armed(_listmount(ns, sweep))
         except (AmountdError, ImportError) as e:
             src = None
             if kind == "listmount":

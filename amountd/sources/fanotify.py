@@ -3,17 +3,21 @@
 A FAN_REPORT_MNT group with a FAN_MARK_MNTNS mark reports attach and detach with the
 mount's unique ID; statmount() describes what attached, the table describes what went
 away. fanotify says nothing of remounts or propagation changes, so the namespace's
-mountinfo is polled for POLLPRI alongside: a POLLPRI that no fanotify event explains
-starts a sweep (one statmount per mount, without paths) that finds what changed.
+mountinfo is polled for POLLPRI alongside (the kernel polls it for us, see loop.py).
 
-POLLPRI is raised by every mount change, remounts included, and before the change's
-fanotify event is queued: a POLLPRI that the namespace's mount count (one ioctl) or a
-fanotify event does not explain gives an event a moment (`grace`) to land, and the
-loop sweeps only when none came. The kernel polls mountinfo for us (AIO, see loop.py),
-so a change wakes the loop, and nothing else, once or twice. The mountinfo file we poll
-keeps the namespace alive, so it is dropped when the last process we know in it exits;
-the namespace's end then arrives as fanotify DETACHes, one per mount (or, when they
-overflow the queue, as a resync that can no longer list the namespace).
+Every POLLPRI may hide a remount, whatever else explains it (a mount and a remount made
+at the same instant raise one POLLPRI), so each one owes a verification sweep: one
+statmount per mount without paths, compared to the table, an answer equal to the last
+one skipped undecoded. Sweeps run in slices of about a millisecond between two reads
+of the fanotify queue, so a mount or umount is never held back by more than a slice,
+and under a CPU budget (`sweep_budget`, a share of one core); a background sweep every
+`sweep_interval` seconds finds propagation changes, which raise no POLLPRI. The plan
+(which mounts, when) is amountd/sweep.py's; this module only does the statmounts.
+
+The mountinfo file we poll keeps the namespace alive, so it is dropped when the last
+process we know in it exits; the namespace's end then arrives as fanotify DETACHes, one
+per mount (or, when they overflow the queue, as a resync that can no longer list the
+namespace).
 
 What the events mean is decided by the pure FanotifyTracker (amountd/tracker.py);
 this module waits, reads, parses, and answers the tracker's questions with syscalls.
@@ -22,17 +26,17 @@ this module waits, reads, parses, and answers the tracker's questions with sysca
 from __future__ import annotations
 
 import os
-import select
 import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from ..errors import AmountdError, NamespaceError
 from ..kernel import consts as c
-from ..kernel.errors import KernelError, MountGone, NamespaceGone, PermissionDenied
+from ..kernel.errors import MountGone, NamespaceGone, PermissionDenied
 from ..kernel.layouts import StatMount, parse_fanotify_events, parse_statmount, statmount_to_mount
 from ..kernel.syscalls import (
     enter_mntns,
@@ -40,12 +44,12 @@ from ..kernel.syscalls import (
     fanotify_mark,
     listmount,
     mntns_id,
-    mntns_info,
     statmount,
 )
 from ..loop import FdWatch, PriorityWatch, close_fd
 from ..model import Mount
 from ..ns import Namespace, find_pid, open_ns, own_ns_id
+from ..sweep import SWEEP_BUDGET, SWEEP_INTERVAL, SweepPlan
 from ..table import MountTable
 from ..tracker import FanotifyTracker, Phase, Swept, swept_of
 from .base import Change, Source
@@ -219,20 +223,11 @@ class _Statmount:
 
 class _Followed:
     """A process of the watched namespace: its pidfd (to notice its exit), its mountinfo
-    (POLLPRI), its namespace file (the mount count, Linux 6.12+) and a thread inside it
-    (for propagate_from). Each keeps the namespace alive: they are let go together."""
+    (POLLPRI) and a thread inside it (for propagate_from). Each keeps the namespace
+    alive: they are let go together."""
 
     def __init__(self, pid: int, pidfd: int, mi: int) -> None:
         self.pid, self.pidfd, self.mi = pid, pidfd, mi
-        self.nsfd = -1
-        self.first_count: int | None = None
-        try:
-            self.nsfd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            self.first_count = mntns_info(self.nsfd)[0]
-        except (OSError, KernelError):  # before Linux 6.12: the grace alone decides
-            if self.nsfd >= 0:
-                os.close(self.nsfd)
-            self.nsfd = -1
         self.pri = PriorityWatch(mi)
         self.inside: Inside | None = None
 
@@ -250,13 +245,6 @@ class _Followed:
             return None
         return cls(pid, pidfd, mi)
 
-    def count(self) -> int:
-        """The namespace's mount count now (-1 where the kernel would not say)."""
-        try:
-            return mntns_info(self.nsfd)[0]
-        except KernelError:
-            return -1
-
     def close(self, watch: FdWatch | None) -> None:
         if self.inside is not None:
             self.inside.close()
@@ -268,10 +256,9 @@ class _Followed:
             if watch is not None:
                 watch.remove(self.pidfd)
             close_fd(self.pidfd)
-        for fd in (self.mi, self.nsfd):
-            if fd >= 0:
-                os.close(fd)
-        self.mi = self.pidfd = self.nsfd = -1
+        if self.mi >= 0:
+            os.close(self.mi)
+        self.mi = self.pidfd = -1
 
 
 class FanotifySource(Source):
@@ -284,13 +271,13 @@ class FanotifySource(Source):
         ns: Namespace,
         *,
         unlimited_queue: bool = False,
-        grace: float = 0.02,
-        sweep_interval: float | None = 30.0,
+        sweep_interval: float | None = SWEEP_INTERVAL,
+        sweep_budget: float = SWEEP_BUDGET,
     ):
         super().__init__(ns)
         self.unlimited_queue = unlimited_queue
-        self.grace = grace
         self.sweep_interval = sweep_interval  # background sweeps (propagation changes)
+        self.sweep_budget = sweep_budget  # the sweeps' share of one CPU
         self.inside_error: str | None = None
         self._ns_id = ns.ns_id
         self._fan = -1
@@ -306,7 +293,18 @@ class FanotifySource(Source):
 
     @property
     def sweeps(self) -> int:
+        """Sweeps finished (laps that covered a POLLPRI or the interval)."""
         return 0 if self._tracker is None else self._tracker.sweeps
+
+    @property
+    def sweep_cpu(self) -> float:
+        """CPU seconds the sweeps took (for benchmarks and tests)."""
+        return 0.0 if self._tracker is None else self._tracker.plan.cpu
+
+    @property
+    def sweep_checks(self) -> int:
+        """Mounts checked by sweeps (one statmount each)."""
+        return 0 if self._tracker is None else self._tracker.plan.checks
 
     async def arm(self) -> None:
         flags = c.FAN_REPORT_MNT | c.FAN_CLOEXEC | c.FAN_NONBLOCK
@@ -338,8 +336,6 @@ class FanotifySource(Source):
         self._kernel = _Statmount(ns_id)
         self._watch = FdWatch()
         self._watch.add_readable(self._fan)
-        self._fan_poll = select.poll()  # is an event queued? (consumes nothing)
-        self._fan_poll.register(self._fan, select.POLLIN)
         if self.ns.pid is not None:
             self._follow(self.ns.pid)
         if in_user_namespace():
@@ -353,20 +349,23 @@ class FanotifySource(Source):
                 "entering needs CAP_SYS_ADMIN and CAP_SYS_CHROOT)"
             )
         if self._followed is None:
+            when = (
+                "are not reported"
+                if self.sweep_interval is None
+                else f"are reported only by the sweep every {self.sweep_interval:g} s"
+            )
             notes.append(
-                "remounts and propagation changes are not reported: no process is known in "
+                f"remounts and propagation changes {when}: no process is known in "
                 "the namespace to poll its mountinfo (give --ns a PID)"
             )
         self.reason = "; ".join(notes) or None
         # Marked before listing: a mount attached from here on is either listed or
         # reported (or both: an ATTACH for a listed mount is skipped).
         self.table = _kernel_table(ns_id, self._kernel.inside)
-        self._tracker = FanotifyTracker(
-            ns_id, self._kernel, self.table, grace=self.grace, sweep_interval=self.sweep_interval
-        )
-        self._tracker.schedule(anyio.current_time())
-        if self._followed is not None and self._followed.first_count is not None:
-            self._tracker.count_known(self._followed.first_count)
+        mono = time.monotonic()
+        plan = SweepPlan(budget=self.sweep_budget, interval=self.sweep_interval, now=mono)
+        self._tracker = FanotifyTracker(ns_id, self._kernel, self.table, plan=plan)
+        self._tracker.schedule(mono)
 
     # ---------------------------------------------------------------- mountinfo pollers
 
@@ -385,8 +384,6 @@ class FanotifySource(Source):
         except AmountdError as e:
             self.inside_error = str(e)
         self._kernel.inside = f.inside
-        if self._tracker is not None and f.first_count is not None:
-            self._tracker.count_known(f.first_count)
 
     def _drop_pid(self) -> None:
         """Let go of the namespace: an open mountinfo file keeps it alive."""
@@ -402,8 +399,6 @@ class FanotifySource(Source):
         pid = find_pid(self.ns)
         if pid is not None:
             self._follow(pid)
-        if self._followed is None and self._tracker is not None:
-            self._tracker.unfollowed()
 
     # ------------------------------------------------------------------------ reading
 
@@ -425,35 +420,28 @@ class FanotifySource(Source):
             if got < _READ_SIZE - 1024:
                 return n  # a short read emptied the queue; what comes next wakes us
 
-    def _queued(self) -> bool:
-        """Is a fanotify event queued, unread? (Polling consumes nothing.)"""
-        return bool(self._fan_poll.poll(0))
-
     async def changes(self) -> AsyncGenerator[list[Change], None]:
         watch, tracker = self._watch, self._tracker
         assert watch is not None and tracker is not None, "arm() first"
         while True:
-            due = tracker.due
-            if due is None:
+            at = tracker.wake_at(time.monotonic())
+            wait = None if at is None else at - time.monotonic()
+            if wait is None:
                 ready = await watch.wait()
-            else:  # an unexplained POLLPRI: wake by its grace's end at the latest
+            elif wait > 0:  # a sweep is owed when the budget allows, or the interval is up
                 ready = []
-                with anyio.move_on_after(due - anyio.current_time()):
+                with anyio.move_on_after(wait):
                     ready = await watch.wait()
+            else:  # between two slices of a sweep: let others run, look at the fds
+                await anyio.lowlevel.checkpoint()
+                ready = watch.ready()
             out: list[Change] = []
-            drained = 0
             if self._fan in ready:
-                drained = self._drain(tracker, out)
+                self._drain(tracker, out)
             f = self._followed
-            if tracker.phase is Phase.LIVE:
-                out += tracker.woke(
-                    anyio.current_time(),
-                    time.time(),
-                    drained=drained,
-                    pollpri=f is not None and f.pri.fd in ready and f.pri.fired(),
-                    count=f.count if f is not None and f.nsfd >= 0 else None,
-                    queued=self._queued,
-                )
+            pri = f is not None and f.pri.fd in ready and f.pri.fired()
+            if pri and tracker.phase is Phase.LIVE:
+                tracker.pollpri()
             self.table = tracker.table  # a resync builds a new one
             if tracker.phase is Phase.ENDED:
                 yield out
@@ -461,7 +449,12 @@ class FanotifySource(Source):
             if f is not None and f.pidfd in ready:
                 self._pid_exited()
             if out:
-                yield out
+                yield out  # events first; then a slice, if one is owed and allowed
+            cpu = time.thread_time()
+            swept = tracker.sweep_slice(time.monotonic(), time.time())
+            tracker.spent(time.thread_time() - cpu, time.monotonic())
+            if swept:
+                yield swept
 
     def close(self) -> None:
         self._drop_pid()

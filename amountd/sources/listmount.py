@@ -13,11 +13,13 @@ A remount, a move or a propagation change leaves the ID set as it was, and any P
 may hide one behind a mount or umount made at the same instant. So each POLLPRI makes
 a sweep due: one statmount per mount, its answer hashed and skipped unparsed when it is
 the same as last time's (`Tracker.check`), reported as `remount`, `propagation` or
-`move` where it differs. Sweeps run in slices of ~1 ms between wake-ups, so a mount or
-umount is never held back by more than a slice, and within a CPU budget (`SweepBudget`:
-a share of one core, with a burst so that a lone remount in a quiet namespace is found
-at once). A sweep also runs every `sweep_interval` seconds, for propagation changes,
-which raise no POLLPRI.
+`move` where it differs. When and what to sweep is the fanotify source's plan
+(amountd/sweep.py's `SweepPlan`): slices of ~1 ms after the wake-up's mounts and
+umounts, so none is held back by more than a slice; a CPU budget (a share of one core,
+with a burst so that a lone remount in a quiet namespace is found at once); one round
+over the mounts in ID order, a POLLPRI covered once the round is back where it came,
+so under churn a hidden remount waits one round's CPU / the budget at most. A round also
+starts every `sweep_interval` seconds, for propagation changes, which raise no POLLPRI.
 
 Events say `via: mountinfo` (learnt from mountinfo's POLLPRI; `ready.source` says
 `listmount`), carry unique IDs and no pid. Records are the fanotify source's: statmount,
@@ -42,6 +44,7 @@ from ..kernel.syscalls import listmount, mntns_info, statmount
 from ..loop import FdWatch, PriorityWatch, close_fd, fd_is_readable
 from ..model import Action, End, Event, Mount
 from ..ns import Namespace, own_ns_id
+from ..sweep import SWEEP_BUDGET, SWEEP_BURST, SWEEP_INTERVAL, SweepBudget, SweepPlan
 from ..table import MountTable, split_change
 from .base import Change, Source
 from .fanotify import Inside
@@ -49,46 +52,10 @@ from .fanotify import Inside
 __all__ = ["ListmountSource", "SweepBudget", "Tracker"]
 
 PAGE = 512  # IDs per listmount call, as libmount asks
-SWEEP_BUDGET = 0.05  # the sweeps' share of one CPU, on average
-SWEEP_INTERVAL = 30.0  # s between sweeps for propagation changes (they raise no POLLPRI)
-SWEEP_BURST = 0.1  # s of CPU a sweep may spend at once after a quiet spell
-SLICE = 0.001  # s of sweeping between two looks at the kernel's fds
-
 Stat = Callable[[int], bytes | None]
 """The raw statmount answer for a mount ID, None when the mount is gone."""
 Describe = Callable[[bytes], Mount]
 """A raw statmount answer as the Mount mountinfo would show."""
-
-
-class SweepBudget:
-    """A token bucket of CPU seconds: `share` of a second accrues per second, up to
-    `burst`. Pure: the caller passes the time and says what it spent."""
-
-    def __init__(self, share: float, burst: float, now: float) -> None:
-        if not 0 < share <= 1:
-            raise ValueError(f"the sweep budget is a share of one CPU in (0, 1], not {share}")
-        self.share = share
-        self.burst = max(burst, 0.0)
-        self.tokens = self.burst
-        self._at = now
-
-    def _refill(self, now: float) -> None:
-        if now > self._at:
-            self.tokens = min(self.burst, self.tokens + (now - self._at) * self.share)
-        self._at = now
-
-    def allows(self, now: float) -> bool:
-        self._refill(now)
-        return self.tokens > 0
-
-    def spend(self, cpu: float, now: float) -> None:
-        self._refill(now)
-        self.tokens -= cpu
-
-    def wait(self, now: float) -> float:
-        """Seconds until a sweep may run again (0: now)."""
-        self._refill(now)
-        return 0.0 if self.tokens > 0 else (1e-4 - self.tokens) / self.share
 
 
 class Tracker:
@@ -217,20 +184,17 @@ class ListmountSource(Source):
         self.pid: int = ns.pid
         self._ns_id: int = ns.ns_id
         self.sweep_interval = sweep_interval
-        self._budget = SweepBudget(sweep_budget, sweep_burst, time.monotonic())
+        self._plan = SweepPlan(
+            budget=sweep_budget,
+            interval=sweep_interval,
+            burst=sweep_burst,
+            now=time.monotonic(),
+        )
         self._watch: FdWatch | None = None
         self._pri: PriorityWatch | None = None
         self._mi = self._pidfd = self._nsfd = -1
         self._inside: Inside | None = None
         self.tracker = Tracker(self._stat, self._describe, ns_id=self._ns_id)
-        self._pokes = 0  # POLLPRIs seen
-        self._clean = 0  # the POLLPRIs the last finished sweep has covered
-        self._sweep: list[int] | None = None  # the IDs of the sweep under way
-        self._pos = 0
-        self._sweep_from = 0
-        self._swept_at = time.monotonic()
-        self.sweeps = 0
-        self.sweep_cpu = 0.0  # s of CPU the sweeps took (for benchmarks and tests)
         self.relists = 0  # whole ID lists taken
 
     # ------------------------------------------------------------------- kernel shells
@@ -302,6 +266,7 @@ class ListmountSource(Source):
         except NamespaceGone:
             raise NamespaceError(f"the mount namespace of {self.ns.label} is gone") from None
         self.table = self.tracker.table
+        self._plan.start(time.monotonic())
 
     def _relist(self, now: float) -> list[Event]:
         tr = self.tracker
@@ -312,76 +277,60 @@ class ListmountSource(Source):
         self.relists += 1
         return tr.relist(listmount(self._ns_id, page=PAGE), whole=True, now=now)
 
-    def _due(self, now: float) -> bool:
-        """Whether a sweep is under way or owed (a POLLPRI since the last, or the interval)."""
-        if self._sweep is not None:
-            return True
-        if self._clean < self._pokes or now - self._swept_at >= self.sweep_interval:
-            self._sweep = list(self.tracker.table.keys())
-            self._pos = 0
-            self._sweep_from = self._pokes
-            return True
-        return False
+    @property
+    def sweeps(self) -> int:
+        """Sweeps finished (rounds that covered a POLLPRI or the interval)."""
+        return self._plan.laps
 
-    def _slice(self, out: list[Change]) -> None:
-        """Sweep for ~SLICE seconds (or to the end), charged to the budget."""
-        ids = self._sweep
-        assert ids is not None
-        tr = self.tracker
-        cpu0 = time.thread_time()
-        stop = time.perf_counter() + SLICE
-        i, n = self._pos, len(ids)
+    @property
+    def sweep_cpu(self) -> float:
+        """CPU seconds the sweeps took (for benchmarks and tests)."""
+        return self._plan.cpu
+
+    @property
+    def sweep_checks(self) -> int:
+        """Mounts checked by sweeps (one statmount each)."""
+        return self._plan.checks
+
+    def _slice(self) -> list[Change]:
+        """The mounts the plan hands out now (about one slice of CPU, or none),
+        checked, and what that cost charged to the budget."""
+        cpu = time.thread_time()
         now = time.time()
-        while i < n:
-            out.extend(tr.check(ids[i], now))
-            i += 1
-            if not i & 15 and time.perf_counter() >= stop:
-                break
-        self._pos = i
-        cpu = time.thread_time() - cpu0
-        self.sweep_cpu += cpu
-        mono = time.monotonic()
-        self._budget.spend(cpu, mono)
-        if i >= n:
-            self._sweep = None
-            self._clean = self._sweep_from
-            self._swept_at = mono
-            self.sweeps += 1
-
-    def _timeout(self) -> float | None:
-        """How long the loop may wait for the kernel before sweeping (None: for ever)."""
-        now = time.monotonic()
-        if self._due(now):
-            return self._budget.wait(now)
-        return max(0.0, self._swept_at + self.sweep_interval - now)
+        out: list[Change] = []
+        tr = self.tracker
+        for mid in self._plan.take(time.monotonic(), tr.table.keys):
+            out.extend(tr.check(mid, now))
+        self._plan.spent(time.thread_time() - cpu, time.monotonic())
+        return out
 
     async def changes(self) -> AsyncGenerator[list[Change], None]:
         watch, pri = self._watch, self._pri
         assert watch is not None and pri is not None, "arm() first"
         ended = f"namespace of pid {self.pid} ended: the process exited"
         while True:
-            timeout = self._timeout()
-            if timeout is None or timeout > 0:
-                with anyio.move_on_after(timeout if timeout is not None else float("inf")):
+            at = self._plan.wake_at(time.monotonic())
+            wait = None if at is None else at - time.monotonic()
+            if wait is None or wait > 0:
+                with anyio.move_on_after(wait if wait is not None else float("inf")):
                     await watch.wait()
             else:
                 await anyio.lowlevel.checkpoint()  # a slice at a time: others run between
             if fd_is_readable(self._pidfd):
                 yield [End(reason=ended)]
                 return
-            out: list[Change] = []
             if pri.fired():
-                self._pokes += 1
+                self._plan.poke()
                 try:
-                    out.extend(self._relist(time.time()))
+                    out: list[Change] = [*self._relist(time.time())]
                 except NamespaceGone:
                     yield [End(reason=ended)]
                     return
-            now = time.monotonic()
-            if self._due(now) and self._budget.allows(now):
-                self._slice(out)
-            if out:
-                yield out
+                if out:
+                    yield out  # mounts and umounts first; then a slice, if one is owed
+            swept = self._slice()
+            if swept:
+                yield swept
 
     def close(self) -> None:
         if self._inside is not None:

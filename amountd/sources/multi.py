@@ -58,6 +58,7 @@ from ..errors import AmountdError, NamespaceError, UsageError
 from ..model import End, Event, Mount, Resync, Via
 from ..ns import Namespace, locate, namespace_of, pids_by_inode, resolve_ns, walk_namespaces
 from ..ns import all_namespaces as list_namespaces
+from ..sweep import DEFAULT_SWEEP, SweepSettings
 from ..table import MountTable, apply, diff
 from . import arm_source
 from .base import Change, Source
@@ -104,10 +105,16 @@ again sooner waits (1 s, doubling up to `_MAX_BACKOFF`) so a fault cannot spin."
 _MAX_BACKOFF = 30.0
 
 
-async def open_one(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
+async def open_one(
+    kind: str,
+    ns: Namespace,
+    *,
+    unlimited_queue: bool = False,
+    sweep: SweepSettings = DEFAULT_SWEEP,
+) -> Source:
     """One armed sub-source: fanotify, else (auto) listmount, else mountinfo, with the
     reason why (as `open_source` picks)."""
-    return await arm_source(kind, ns, unlimited_queue=unlimited_queue)
+    return await arm_source(kind, ns, unlimited_queue=unlimited_queue, sweep=sweep)
 
 
 def scan_namespaces(seen: frozenset[int]) -> tuple[set[int], list[Namespace]]:
@@ -158,6 +165,7 @@ class MultiSource(Source):
         all_namespaces: bool = False,
         source: str = "auto",
         unlimited_queue: bool = False,
+        sweep: SweepSettings = DEFAULT_SWEEP,
         rescan: float = 1.0,
         buffer: int = 64,
     ) -> None:
@@ -172,6 +180,7 @@ class MultiSource(Source):
         self.all_namespaces = all_namespaces
         self.source = source
         self.unlimited_queue = unlimited_queue
+        self.sweep = sweep
         self.rescan = rescan
         self._subs: dict[int, _Sub] = {}
         self._keys: dict[int, set[int]] = {}  # ns_id -> the union's keys of that namespace
@@ -281,7 +290,9 @@ class MultiSource(Source):
         )
 
     async def _open(self, ns: Namespace) -> Source:
-        src = await open_one(self.source, ns, unlimited_queue=self.unlimited_queue)
+        src = await open_one(
+            self.source, ns, unlimited_queue=self.unlimited_queue, sweep=self.sweep
+        )
         if not len(src.table):  # freed while we armed: nothing more will come
             src.close()
             raise NamespaceError(f"the mount namespace of {ns.label} is gone")
@@ -382,7 +393,9 @@ class MultiSource(Source):
             if ns is None:
                 return None
             try:
-                src = await open_one(self.source, ns, unlimited_queue=self.unlimited_queue)
+                src = await open_one(
+                    self.source, ns, unlimited_queue=self.unlimited_queue, sweep=self.sweep
+                )
             except NamespaceError as e:
                 if ns.pid is None:  # no process left in it, and mountinfo needs one
                     log.info("%s can no longer be watched: %s", sub.label, e)
@@ -565,6 +578,7 @@ async def open_watch(
     namespaces: Sequence[str] | None = None,
     all_namespaces: bool = False,
     unlimited_queue: bool = False,
+    sweep: SweepSettings = DEFAULT_SWEEP,
 ) -> AsyncIterator[Source]:
     """What `amountd serve` watches: one namespace (`ns`, default ours) with the source
     of today, or several (`namespaces`: PIDs or namespace files; `all_namespaces`)
@@ -576,7 +590,7 @@ async def open_watch(
     specs = [*([ns] if ns is not None else []), *(namespaces or [])]
     if not all_namespaces and len(specs) <= 1:
         one = resolve_ns(specs[0] if specs else None)
-        async with open_source(kind, one, unlimited_queue=unlimited_queue) as src:
+        async with open_source(kind, one, unlimited_queue=unlimited_queue, sweep=sweep) as src:
             log.info(
                 "watching the mount namespace of %s with %s%s",
                 one.label,
@@ -590,6 +604,7 @@ async def open_watch(
         all_namespaces=all_namespaces,
         source=kind,
         unlimited_queue=unlimited_queue,
+        sweep=sweep,
     )
     async with multi:
         if multi.reason:

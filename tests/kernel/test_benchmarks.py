@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import cpu_per_change, fanout, latency, overflow
+from benchmarks import cpu_per_change, fanout, latency, overflow, remount
 from benchmarks.common import (
     BenchmarkError,
     PrivateNs,
@@ -46,7 +46,15 @@ def test_list_names_every_benchmark() -> None:
     res = _bench("--list")
     assert res.returncode == 0, res.stderr
     names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
-    assert names == ["cpu_per_change", "fanout", "fleet", "latency", "memory", "overflow"]
+    assert names == [
+        "cpu_per_change",
+        "fanout",
+        "fleet",
+        "latency",
+        "memory",
+        "overflow",
+        "remount",
+    ]
 
 
 def test_unknown_benchmark_is_a_usage_error() -> None:
@@ -282,3 +290,27 @@ def test_quick_fleet_is_well_formed(quick_results: tuple[Path, str]) -> None:
         assert r["mounts"] >= doc["params"]["size"]
     assert kept["written"] == 0 and empty["written"] >= kept["keys_held"] > 0
     assert set(doc["summary"]) == {"events_per_s", "fleet_p50_us", "fleet_p99_us", "reconcile_s"}
+
+
+def test_quick_remount_is_well_formed(quick_results: tuple[Path, str]) -> None:
+    out, stdout = quick_results
+    assert "Remount detection by the sweeps" in stdout
+    assert (out / "remount.txt").read_text(encoding="utf-8").startswith("machine: ")
+    doc = _load(out, "remount")
+    p = doc["params"]
+    _covers(p, "sizes", remount.SIZES)
+    _covers(p, "phases", remount.PHASES)
+    assert p["sources"] == list(remount.SOURCES)
+    assert sorted((r["size"], r["source"], r["phase"]) for r in doc["records"]) == sorted(
+        (n, s, ph) for n in p["sizes"] for s in p["sources"] for ph in p["phases"]
+    )
+    for r in doc["records"]:
+        assert r["mounts"] >= r["size"] > 0
+        assert r["missing"] == 0 and r["reported"] == r["remounts"] > 0  # none lost
+        assert len(r["latencies_ms"]) == r["reported"]
+        vals = [r["p50_ms"], r["p99_ms"], r["max_ms"]]
+        assert all(_number(v) for v in vals) and vals == sorted(vals)
+        assert _number(r["sweep_cpu_share"]) and r["sweep_cpu_share"] >= 0
+        assert r["checks"] > 0  # the sweeps ran, and were counted
+        for key in ("statmount_us", "statmount_hash_us", "statmount_decode_us"):
+            assert _number(r[key]) and r[key] > 0

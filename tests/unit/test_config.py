@@ -85,6 +85,8 @@ all_namespaces = true
 queue = 16
 ring = 0
 unlimited_queue = true
+sweep_interval = 2.5
+sweep_budget = 0.1
 metrics = "9733"
 log_level = "DEBUG"
 log_format = "json"
@@ -110,6 +112,8 @@ under = "/mnt"
         queue=16,
         ring=0,
         unlimited_queue=True,
+        sweep_interval=2.5,
+        sweep_budget=0.1,
         metrics="9733",
         log_level="debug",
         log_format="json",
@@ -138,6 +142,8 @@ def test_empty_string_switches_an_optional_setting_off() -> None:
         (b"ns = [true]", f"wrong type for 'ns[0]' in {ETC}: expected string, got boolean"),
         (b"queue = 0", f"bad value for 'queue' in {ETC}: expected int >= 1"),
         (b"ring = -1", f"bad value for 'ring' in {ETC}: expected int >= 0"),
+        (b"sweep_budget = 1.5", f"bad value for 'sweep_budget' in {ETC}: expected float <= 1"),
+        (b"sweep_interval = 0", f"bad value for 'sweep_interval' in {ETC}: expected float > 0"),
         (
             b'source = "magic"',
             f"bad value for 'source' in {ETC}: invalid enum value 'magic' (choose from auto, "
@@ -213,6 +219,8 @@ def test_example_names_every_key_once_and_uncommented_it_is_valid() -> None:
         "queue",
         "ring",
         "unlimited_queue",
+        "sweep_interval",
+        "sweep_budget",
         "log_level",
         "log_format",
     ):
@@ -350,6 +358,8 @@ _VALUES: dict[str, Any] = {
     "queue": 3,
     "ring": 3,
     "unlimited_queue": True,
+    "sweep_interval": 0.5,
+    "sweep_budget": 0.2,
     "max_connections": 5,
     "max_connections_per_uid": 2,
     "stall_timeout": 1.5,
@@ -415,3 +425,24 @@ def test_publish_section_is_read_and_checked() -> None:
         parse_config(b"[publish]\nbacklog = 0")
     # Publishing needs a restart: a reload only logs it.
     assert reloadable(Config(), c) == ([], ["publish"])
+
+
+def test_sweep_flags_override_the_file_and_reach_the_server() -> None:
+    """`serve --sweep-interval/--sweep-budget` over the settings file's keys, else the
+    file's, into what the sources are opened with."""
+    from amountd.cli import build_parser
+    from amountd.serve import serve_config
+
+    file = Config(sweep_interval=5.0, sweep_budget=0.2)
+    parser = build_parser()
+    names = ("sweep_interval", "sweep_budget")
+    args = parser.parse_args(["serve"])
+    cfg = serve_config(merge(file, {k: getattr(args, k) for k in names}))
+    assert (cfg.sweep_interval, cfg.sweep_budget) == (5.0, 0.2)
+    args = parser.parse_args(["serve", "--sweep-interval", "0.5", "--sweep-budget", "0.01"])
+    cfg = serve_config(merge(file, {k: getattr(args, k) for k in names}))
+    assert (cfg.sweep_interval, cfg.sweep_budget) == (0.5, 0.01)
+    args = parser.parse_args(["watch"])
+    assert (args.sweep_interval, args.sweep_budget) == (30.0, 0.05)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["watch", "--sweep-budget", "0"])

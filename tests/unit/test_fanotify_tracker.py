@@ -14,8 +14,9 @@ import pytest
 from amountd.kernel import consts as c
 from amountd.kernel.layouts import FanEvent
 from amountd.model import End, Event, Mount, Resync, encode_msgpack, fspath
+from amountd.sweep import SweepPlan
 from amountd.table import MountTable, apply
-from amountd.tracker import Explain, FanotifyTracker, Phase, Swept, TrackerError
+from amountd.tracker import FanotifyTracker, Phase, Swept, TrackerError
 
 NS = 4026531840
 ATTACH, DETACH, OVERFLOW = c.FAN_MNT_ATTACH, c.FAN_MNT_DETACH, c.FAN_Q_OVERFLOW
@@ -92,7 +93,7 @@ class World:
 
     def __init__(self, *mounts: Mount) -> None:
         self.k = FakeKernel([mnt(ROOT, HIDDEN, "/"), *mounts])
-        self.t = FanotifyTracker(NS, self.k, self.k.table(), grace=0.02)
+        self.t = FanotifyTracker(NS, self.k, self.k.table(), plan=SweepPlan(now=50.0))
         self.consumer = self.k.table()
         self.now = 1000.0
         self.mono = 50.0
@@ -103,10 +104,23 @@ class World:
         self._apply(out)
         return out
 
-    def woke(self, dt: float = 0.0, **kw: Any) -> list[Event | Resync | End]:
+    def woke(self, dt: float = 0.0, *, pollpri: bool = False) -> list[Event | Resync | End]:
+        """`dt` seconds later, maybe a POLLPRI; then the slices the plan wants now,
+        each charged 5 us of CPU per check (the source measures it)."""
         self.mono += dt
         self.now += dt
-        out = self.t.woke(self.mono, self.now, **kw)
+        if pollpri:
+            self.t.pollpri()
+        out: list[Event | Resync | End] = []
+        while True:
+            at = self.t.wake_at(self.mono)
+            if at is None or at > self.mono:
+                break
+            checks = self.t.plan.checks
+            out += self.t.sweep_slice(self.mono, self.now)
+            self.t.spent(5e-6 * (self.t.plan.checks - checks), self.mono)
+            if self.t.plan.checks == checks:
+                break
         self._apply(out)
         return out
 
@@ -205,6 +219,23 @@ def test_tree_move_redescribes_the_subtree() -> None:
     assert actions(out)[0] == ("move", a)
     assert all(isinstance(e, Event) and e.pid == PID for e in out)
     assert ROOT + 4 not in w.k.described  # outside the moved tree: not asked
+    w.agree()
+
+
+def test_tree_move_seen_by_a_sweep_before_its_event() -> None:
+    """A POLLPRI comes before its fanotify event, and its sweep may run first: a move to
+    another parent found by the sweep takes the subtree along, and the event that
+    follows finds the table as the kernel's."""
+    a, b, cc, o = ROOT + 1, ROOT + 2, ROOT + 3, ROOT + 4
+    w = World(mnt(a, ROOT, "/a"), mnt(b, a, "/a/b"), mnt(cc, b, "/a/b/c"), mnt(o, ROOT, "/o"))
+    w.t.schedule(w.mono)
+    w.k.change(a, parent_id=o, target=fspath("/o/a"))
+    w.k.change(b, target=fspath("/o/a/b"))
+    w.k.change(cc, target=fspath("/o/a/b/c"))
+    out = w.woke(pollpri=True)
+    assert sorted(actions(out)) == [("move", a), ("move", b), ("move", cc)]
+    w.agree()
+    assert w.feed((MOVE, a)) == []
     w.agree()
 
 
@@ -346,84 +377,46 @@ def test_resync_on_request_keeps_a_live_namespace_live() -> None:
 # ------------------------------------------------------------------- POLLPRI and sweeps
 
 
-def test_unexplained_pollpri_sweeps_after_the_grace_and_finds_a_remount() -> None:
+def test_every_pollpri_owes_a_sweep_which_finds_a_remount_at_once() -> None:
     a = ROOT + 1
     w = World(mnt(a, ROOT, "/a", fs_options="rw,size=1024k"))
-    w.t.count_known(2)
+    w.t.schedule(w.mono)
     old = w.k.mounts[a]
     new = w.k.change(a, fs_options=fspath("rw,size=2048k"))
-    assert w.woke(drained=0, pollpri=True, count=lambda: 2) == []  # count unchanged
-    assert w.t.explain is Explain.WAITING
-    assert w.t.due == pytest.approx(w.mono + 0.02)
-    assert w.woke(0.01, drained=0, pollpri=False) == []  # grace not over
-    out = w.woke(0.011, drained=0, pollpri=False)
+    out = w.woke(pollpri=True)
     [ev] = out
     assert isinstance(ev, Event)
     assert (ev.action, ev.via, ev.mount, ev.old, ev.pid) == ("remount", "fanotify", new, old, None)
-    assert w.t.explain is Explain.QUIET and w.t.due is None
-    assert w.t.sweeps == 1
+    assert w.t.sweeps == 1 and not w.t.plan.owed
     w.agree()
 
 
-def test_a_changed_mount_count_explains_a_pollpri() -> None:
-    w = World()
-    w.t.count_known(1)
-    assert w.woke(drained=0, pollpri=True, count=lambda: 2) == []
-    assert w.t.explain is Explain.QUIET
-    w.woke(1.0, drained=0, pollpri=False)
-    assert w.t.sweeps == 0
+def test_a_remount_hidden_behind_a_mount_is_found() -> None:
+    """issue 13: a mount and a remount at the same instant raise one POLLPRI, which the
+    mount's fanotify event explains; the remount is found all the same."""
+    a, b = ROOT + 1, ROOT + 2
+    w = World(mnt(a, ROOT, "/a"))
+    w.t.schedule(w.mono)
+    w.k.put(mnt(b, ROOT, "/b"))
+    new = w.k.change(a, options="ro,relatime")
+    w.t.pollpri()
+    assert actions(w.feed((ATTACH, b))) == [("mount", b)]
+    out = w.woke()
+    assert actions(out) == [("remount", a)]
+    [ev] = out
+    assert isinstance(ev, Event) and ev.mount == new
+    w.agree()
 
 
-def test_an_event_read_or_queued_explains_a_pollpri() -> None:
-    w = World()
-    w.woke(drained=1, pollpri=True)
-    assert w.t.explain is Explain.QUIET
-    w.woke(drained=0, pollpri=True, queued=lambda: True)
-    assert w.t.explain is Explain.QUIET
-    # an event landing within the grace explains a POLLPRI that waits
-    w.woke(drained=0, pollpri=True, queued=lambda: False)
-    assert w.t.explain is Explain.WAITING
-    w.woke(0.005, drained=1, pollpri=False)
-    assert w.t.explain is Explain.QUIET
-    w.woke(1.0, drained=0, pollpri=False)
-    assert w.t.sweeps == 0
-
-
-def test_a_second_pollpri_does_not_push_the_grace_back() -> None:
-    w = World()
-    w.woke(drained=0, pollpri=True)
-    due = w.t.due
-    w.woke(0.015, drained=0, pollpri=True)
-    assert w.t.due == due
-    w.woke(0.006, drained=0, pollpri=False)
-    assert w.t.sweeps == 1
-
-
-def test_count_is_read_only_for_a_pollpri_and_queue_only_when_needed() -> None:
-    w = World()
-    w.t.count_known(1)
-    asked: list[str] = []
-
-    def count() -> int:
-        asked.append("count")
-        return 1
-
-    def queued() -> bool:
-        asked.append("queued")
-        return False
-
-    w.woke(drained=0, pollpri=False, count=count, queued=queued)
-    assert asked == []
-    w.woke(drained=3, pollpri=True, count=count, queued=queued)
-    assert asked == ["count"]
-
-
-def test_unfollowed_drops_a_pending_grace() -> None:
-    w = World()
-    w.woke(drained=0, pollpri=True)
-    assert w.t.due is not None
-    w.t.unfollowed()
-    assert w.t.due is None and w.t.explain is Explain.QUIET
+def test_a_dead_namespace_wants_no_sweep() -> None:
+    w = World(mnt(ROOT + 1, ROOT, "/a"))
+    w.t.schedule(w.mono)
+    w.t.pollpri()
+    w.feed((DETACH, ROOT + 1), (DETACH, ROOT))
+    assert w.t.phase is Phase.ENDED
+    assert w.t.wake_at(w.mono) is None
+    with pytest.raises(TrackerError):
+        w.t.pollpri()
 
 
 def test_sweep_finds_propagation_changes_and_moves_no_event_told_of() -> None:
@@ -514,32 +507,30 @@ def test_background_sweep_finds_a_propagation_change_within_the_interval() -> No
     every `sweep_interval` seconds from `schedule()`, finds it."""
     a = ROOT + 1
     w = World(mnt(a, ROOT, "/a"))
-    w.t = FanotifyTracker(NS, w.k, w.k.table(), sweep_interval=30.0)
-    assert w.t.due is None  # not scheduled yet
+    w.t = FanotifyTracker(NS, w.k, w.k.table(), plan=SweepPlan(interval=30.0, now=w.mono))
+    assert w.t.wake_at(w.mono) is None  # not scheduled yet
     w.t.schedule(w.mono)
-    assert w.t.due == w.mono + 30.0
+    assert w.t.wake_at(w.mono) == w.mono + 30.0
     w.k.change(a, propagation="shared:1")
-    assert w.woke(29.0, drained=0, pollpri=False) == []
-    assert actions(w.woke(1.0, drained=0, pollpri=False)) == [("propagation", a)]
-    assert w.t.due == pytest.approx(w.mono + 30.0)  # the next one
+    assert w.woke(29.0) == []
+    assert actions(w.woke(1.0)) == [("propagation", a)]
+    assert w.t.wake_at(w.mono) == pytest.approx(w.mono + 30.0)  # the next one
     w.agree()
 
 
 def test_any_sweep_puts_the_background_sweep_back() -> None:
     w = World()
-    w.t = FanotifyTracker(NS, w.k, w.k.table(), sweep_interval=1.0)
+    w.t = FanotifyTracker(NS, w.k, w.k.table(), plan=SweepPlan(interval=1.0, now=w.mono))
     w.t.schedule(w.mono)
-    w.woke(0.5, drained=0, pollpri=True)  # unexplained: a sweep after the grace
-    assert w.t.due == pytest.approx(w.mono + 0.02)  # the grace comes first
-    w.woke(0.03, drained=0, pollpri=False)
+    w.woke(0.5, pollpri=True)
     assert w.t.sweeps == 1
-    assert w.t.due == pytest.approx(w.mono + 1.0)
+    assert w.t.wake_at(w.mono) == pytest.approx(w.mono + 1.0)
 
 
 def test_no_background_sweep_without_an_interval() -> None:
     w = World()
-    w.t = FanotifyTracker(NS, w.k, w.k.table(), sweep_interval=None)
+    w.t = FanotifyTracker(NS, w.k, w.k.table(), plan=SweepPlan(interval=None, now=w.mono))
     w.t.schedule(w.mono)
-    assert w.t.due is None
-    w.woke(3600.0, drained=0, pollpri=False)
+    assert w.t.wake_at(w.mono) is None
+    w.woke(3600.0)
     assert w.t.sweeps == 0

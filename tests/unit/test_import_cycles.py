@@ -171,6 +171,7 @@ LAYERS: list[tuple[str, ...]] = [
         "mountinfo",
         "table",
         "tracker",
+        "sweep",
         "filter",
         "columns",
         "render",

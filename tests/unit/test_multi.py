@@ -273,7 +273,9 @@ async def test_merged_stream_ends_when_every_listed_namespace_ended(
         ),
     }
 
-    async def fake_open(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
+    async def fake_open(
+        kind: str, ns: Namespace, *, unlimited_queue: bool = False, sweep: object = None
+    ) -> Source:
         assert ns.ns_id is not None
         return scripts[ns.ns_id]
 
@@ -344,7 +346,9 @@ async def test_a_failing_sub_source_is_renewed_not_ended(monkeypatch: pytest.Mon
     ]
     queue = list(opened)
 
-    async def fake_open(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
+    async def fake_open(
+        kind: str, ns: Namespace, *, unlimited_queue: bool = False, sweep: object = None
+    ) -> Source:
         return queue.pop(0)
 
     monkeypatch.setattr(multi, "open_one", fake_open)
@@ -384,7 +388,9 @@ async def test_a_mountinfo_watch_follows_its_namespace_to_another_process(
     queue: list[Source] = [first, second]
     opened_with: list[Namespace] = []
 
-    async def fake_open(kind: str, ns: Namespace, *, unlimited_queue: bool = False) -> Source:
+    async def fake_open(
+        kind: str, ns: Namespace, *, unlimited_queue: bool = False, sweep: object = None
+    ) -> Source:
         opened_with.append(ns)
         return queue.pop(0)
 

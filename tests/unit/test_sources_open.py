@@ -46,7 +46,7 @@ def fakes(
     monkeypatch: pytest.MonkeyPatch, fan: BaseException | None, info: BaseException | None = None
 ) -> tuple[Fake, Fake]:
     f, m = Fake(fan), Fake(info)
-    monkeypatch.setattr(sources, "_fanotify", lambda ns, unlimited: f)
+    monkeypatch.setattr(sources, "_fanotify", lambda ns, unlimited, sweep: f)
     monkeypatch.setattr(sources, "_mountinfo", lambda ns: m)
     return f, m
 
