@@ -46,6 +46,7 @@ __all__ = [
     "Ready",
     "Resync",
     "Snapshot",
+    "SweepSettings",
     "apply_frame",
     "connect",
     "snapshot",
@@ -65,6 +66,7 @@ _LAZY = {
     "Ready": "model",
     "Resync": "model",
     "Snapshot": "model",
+    "SweepSettings": "sweep",
     "Filter": "filter",
     "MountTable": "table",
     "apply_frame": "table",
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
     from .errors import AmountdError
     from .filter import Filter
     from .model import End, Error, Event, Frame, FsPath, Mount, Ready, Resync, Snapshot
+    from .sweep import SweepSettings
     from .table import MountTable, apply_frame
 
 

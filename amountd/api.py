@@ -15,6 +15,7 @@ from .model import End, Event, Frame, Mount, Ready, Resync, Snapshot
 from .ns import Namespace, resolve_ns
 from .sources import Source, open_source
 from .stream import FrameStream, lone_exception
+from .sweep import DEFAULT_SWEEP, SweepSettings, check_budget, check_interval
 
 __all__ = ["FrameStream", "frames_of", "snapshot", "watch"]
 
@@ -79,6 +80,7 @@ async def watch(
     filter: Filter | None = None,
     unlimited_queue: bool = False,
     buffer: int = 1024,
+    sweep: SweepSettings = DEFAULT_SWEEP,
 ) -> AsyncIterator[FrameStream]:
     """Watch one mount namespace (ours, or `ns` = a PID or namespace file path).
 
@@ -86,14 +88,17 @@ async def watch(
     `snapshot` (if asked), `ready`, then `event`/`resync` frames, and `end` if the
     namespace goes away. A consumer that falls `buffer` frames behind stops the source
     reading; the kernel's queue then bounds what waits, and an overflow comes back as
-    `resync` and the difference.
+    `resync` and the difference. `sweep`: how often and at what CPU share the
+    fanotify and listmount sources look for what the kernel does not report
+    (`--sweep-interval`, `--sweep-budget`); invalid values raise ValueError.
     """
+    sweep = SweepSettings(check_interval(sweep.interval), check_budget(sweep.budget))
     target = ns if isinstance(ns, Namespace) else resolve_ns(ns)
     send, receive = anyio.create_memory_object_stream[Frame](buffer)
     stream = FrameStream(receive)
     with lone_exception():
         async with (
-            open_source(source, target, unlimited_queue=unlimited_queue) as src,
+            open_source(source, target, unlimited_queue=unlimited_queue, sweep=sweep) as src,
             receive,
             anyio.create_task_group() as tg,
         ):

@@ -74,6 +74,29 @@ async def test_make_shared_alone_is_found_by_the_background_sweep(
 
 
 @pytest.mark.parametrize("source", ["fanotify", "listmount"])
+async def test_the_api_takes_the_sweep_settings(private_ns: PrivateNs, source: str) -> None:
+    """`amountd.watch(sweep=SweepSettings(...))`: what `--sweep-interval` does for the
+    command, for a program; a budget out of (0, 1] is refused before anything opens."""
+    from amountd import SweepSettings
+
+    ns = private_ns
+    a = ns.path("a")
+    ns.mkdir(a)
+    ns.run("mount", "-t", "tmpfs", "ta", a)
+    with pytest.raises(ValueError, match="budget"):
+        async with watch(source=source, ns=ns.pid, sweep=SweepSettings(budget=0)):
+            pass
+    async with watch(source=source, ns=ns.pid, sweep=SweepSettings(interval=0.3)) as frames:
+        [ready] = await next_frames(frames, 1)
+        assert isinstance(ready, Ready)
+        ns.run("mount", "--make-shared", a)
+        with anyio.fail_after(10):
+            [ev] = await next_events(frames, 1)
+    assert ev.action == "propagation"
+    assert ev.mount.propagation is not None and ev.mount.propagation.startswith("shared:")
+
+
+@pytest.mark.parametrize("source", ["fanotify", "listmount"])
 def test_make_shared_alone_is_reported_within_the_sweep_interval(
     private_ns: PrivateNs, source: str
 ) -> None:
