@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import strategies as st
-
-from amountd.model import Mount, fspath, fspath_bytes
+from amountd.model import Mount, fspath_bytes
 from amountd.mountinfo import format_line, parse_mountinfo
 
 from ..conftest import PrivateNs
@@ -15,50 +13,6 @@ from ..conftest import PrivateNs
 
 def by_target(mounts: list[Mount]) -> dict[bytes, Mount]:
     return {fspath_bytes(m.target or ""): m for m in mounts}
-
-
-# --- generated round trips ----------------------------------------------------------
-
-paths = st.binary(max_size=40).map(fspath)
-words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_=", min_size=1, max_size=8)
-options = st.lists(words, min_size=1, max_size=4).map(",".join)
-group = st.integers(1, 2**31 - 1)
-
-
-@st.composite
-def propagations(draw: st.DrawFn) -> str:
-    parts = []
-    if draw(st.booleans()):
-        parts.append(f"shared:{draw(group)}")
-    if draw(st.booleans()):
-        parts.append(f"master:{draw(group)}")
-        if draw(st.booleans()):
-            parts.append(f"propagate_from:{draw(group)}")
-    if draw(st.booleans()):
-        parts.append("unbindable")
-    return " ".join(parts)
-
-
-fstypes = st.builds(
-    lambda t, sub: t if sub is None else f"{t}.{sub}",
-    st.sampled_from(["ext4", "tmpfs", "fuse", "overlay", "proc", "-"]),
-    st.none() | st.binary(min_size=1, max_size=10).map(fspath),
-)
-
-mounts = st.builds(
-    Mount,
-    legacy_id=st.integers(0, 2**31 - 1),
-    legacy_parent_id=st.integers(0, 2**31 - 1),
-    ns_id=st.none() | st.integers(1, 2**64 - 1),
-    dev=st.builds("{}:{}".format, st.integers(0, 4095), st.integers(0, 2**20 - 1)),
-    root=paths,
-    target=paths,
-    options=options,
-    propagation=propagations(),
-    fstype=fstypes,
-    source=paths,
-    fs_options=paths,
-)
 
 
 # --- the live kernel (private namespace) --------------------------------------------

@@ -3,12 +3,6 @@ cgroups are in tests/kernel/)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from amountd.access import scope_filter
@@ -105,63 +99,3 @@ def test_the_container_filter_becomes_namespaces() -> None:
     with pytest.raises(ProtocolError) as e:
         scope_filter(f, frozenset({11}), {}, container_ns={"3f3f": {11, 12}})
     assert e.value.code == "forbidden"
-
-
-# --- real cgroups -----------------------------------------------------------------------------
-
-
-def _cgroup2_root() -> Path | None:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "cgroup2":
-                return Path(fields[4])
-    return None
-
-
-class Cgroups:
-    """A test cgroup (v2) subtree; processes moved into it go back to the root at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.base = root / f"amountd-test-{uuid.uuid4().hex[:8]}"
-        self.base.mkdir()
-        self.made: list[Path] = [self.base]
-        self.moved: list[int] = []
-
-    def place(self, pid: int, rel: str) -> Path:
-        path = self.base
-        for part in rel.strip("/").split("/"):
-            path = path / part
-            if not path.exists():
-                path.mkdir()
-                self.made.append(path)
-        (path / "cgroup.procs").write_text(str(pid))
-        self.moved.append(pid)
-        return path
-
-    def close(self) -> None:
-        for pid in self.moved:
-            with contextlib.suppress(OSError):  # it exited
-                (self.root / "cgroup.procs").write_text(str(pid))
-        for path in reversed(self.made):
-            with contextlib.suppress(OSError):
-                path.rmdir()
-
-
-@pytest.fixture
-def cgroups() -> Iterator[Cgroups]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make cgroups")
-    root = _cgroup2_root()
-    if root is None:
-        pytest.skip("no cgroup v2 hierarchy is mounted")
-    try:
-        cg = Cgroups(root)
-    except OSError as e:
-        pytest.skip(f"cgroup v2 at {root} is not writable: {e}")
-    try:
-        yield cg
-    finally:
-        cg.close()
