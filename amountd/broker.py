@@ -201,6 +201,14 @@ nothing for a subscriber whose next read starts over), nor one after DONE or CLO
 (the subscriber has left the broker)."""
 
 
+class _Batch(enum.Enum):
+    """Whether the table the snapshots come from is as of last_seq."""
+
+    SETTLED = "settled"
+    OPEN = "open"
+    """A publisher awaits inside a batch it applied to the table: snapshots wait."""
+
+
 class IllegalTransition(RuntimeError):
     """A trigger its phase does not allow: a bug in the broker, never a client's doing."""
 
@@ -384,6 +392,10 @@ class Subscription:
             return self._unstash()
         if self._phase is _DONE:
             return None
+        if self._phase in _STARTS_OVER and not self._broker.settled:
+            # The table is ahead of last_seq until the batch is out: its snapshot waits.
+            self._broker.defer(self._group)
+            return None
         parts: list[bytes] = []
         ended = self._start_over(parts) if self._phase in _STARTS_OVER else ()
         if not self._greeted:
@@ -537,8 +549,12 @@ class Subscription:
 class Broker:
     """Numbers frames, keeps a ring of recent ones for `since`, fans out to subscribers.
 
-    `table` returns the source's table as of the last published frame (for snapshots):
-    the source must update its table and publish with no await in between. `seq` is
+    `table` returns the source's table (for snapshots). It must be as of the last
+    published frame whenever the broker is settled: a source that applies a batch to
+    its table before yielding it, published with no await in between, needs nothing
+    more; a publisher that awaits inside a batch (to let the writers drain the queues)
+    calls `open_batch()` first and `close_batch()` once the batch is out, and the
+    snapshots asked for in between wait for it. `seq` is
     the last seq of an earlier run: numbers go on above it (the server starts them at
     its start time, so they only grow across restarts).
     """
@@ -584,6 +600,11 @@ class Broker:
         self._ns_end_count = 0
         self._snapshots = SnapshotCache(snapshot_cache)
         """Encoded snapshots by (format, filter), bounded in bytes (amountd.snapcache)."""
+        self._batch = _Batch.SETTLED
+        self._deferred: set[_Group] = set()
+        """Groups with a subscriber whose snapshot waits for the open batch."""
+        self._settling: anyio.Event | None = None
+        """Set when the open batch closes (`wait_settled`)."""
 
     # --- the source's side -------------------------------------------------------------
 
@@ -601,6 +622,44 @@ class Broker:
         self._reason = reason
         self._ready.clear()
         self._snapshots.clear()
+
+    # --- batches: the table ahead of last_seq ----------------------------------------------
+
+    @property
+    def settled(self) -> bool:
+        """Whether the table is as of last_seq (no batch open): snapshots may be taken."""
+        return self._batch is _Batch.SETTLED
+
+    def open_batch(self) -> None:
+        """The table now holds frames not published yet: snapshots wait until
+        `close_batch()`."""
+        if self._batch is _Batch.OPEN:
+            raise RuntimeError("a batch is open already")
+        self._batch = _Batch.OPEN
+
+    def close_batch(self) -> None:
+        """The batch is out (the table is as of last_seq again): the snapshots that
+        waited for it are taken."""
+        if self._batch is _Batch.SETTLED:
+            raise RuntimeError("no batch is open")
+        self._batch = _Batch.SETTLED
+        deferred, self._deferred = self._deferred, set()
+        for group in deferred:
+            group.wake()
+        if self._settling is not None:
+            self._settling.set()
+            self._settling = None
+
+    async def wait_settled(self) -> None:
+        """Until no batch is open (returns at once when none is)."""
+        while self._batch is _Batch.OPEN:
+            if self._settling is None:
+                self._settling = anyio.Event()
+            await self._settling.wait()
+
+    def defer(self, group: _Group) -> None:
+        """A subscriber of `group` waits for the open batch: wake the group when it is out."""
+        self._deferred.add(group)
 
     def publish(self, frame: Event | Resync | End) -> int:
         """Number the frame and offer it to every subscriber. Never blocks. Returns the

@@ -421,7 +421,7 @@ class Service:
                 task_status.started()  # handled from here on (SIGHUP's default would kill us)
                 async for signum in received:
                     if signum == signal.SIGHUP:
-                        self.reload(server)
+                        await self.reload(server)
                         continue
                     self.stopping(f"{signal.Signals(signum).name}: stopping")
                     log.info("%s: stopping", signal.Signals(signum).name)
@@ -430,7 +430,7 @@ class Service:
         finally:
             rearm()  # the command's: a second signal while draining still exits 0
 
-    def reload(self, server: Served) -> None:
+    async def reload(self, server: Served) -> None:
         """Re-read the settings; apply the live keys, log the others. Never raises: a
         bad file keeps the running settings."""
         old = self.settings
@@ -456,6 +456,7 @@ class Service:
         if "queue" in now:
             server.broker.queue_limit = new.queue
         if "filter" in now:
+            await server.broker.wait_settled()  # the table as of the last seq
             self.rescope(server, new.filter.to_filter())
         self.settings = apply_live(old, new)
         log.info("SIGHUP: applied %s", ", ".join(f"{k}={_show(getattr(new, k))}" for k in now))
@@ -463,7 +464,10 @@ class Service:
     def rescope(self, server: Served, scope: Filter | None) -> None:
         """A new server-wide filter: `resync`, then the events from the old view of the
         table to the new one, published in one go (no await: the table stays as of the
-        last seq), so every subscriber's table follows without a reconnect."""
+        last seq; the broker must be settled), so every subscriber's table follows
+        without a reconnect."""
+        if not server.broker.settled:
+            raise RuntimeError("rescope needs the table as of the last seq: wait_settled()")
         table = server.table.mounts()
         before = MountTable(filter_mounts(self.scope, table))
         after = MountTable(filter_mounts(scope, table))

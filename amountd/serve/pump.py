@@ -1,11 +1,11 @@
-"""The pump: the source's batches -> the server's table -> the broker.
+"""The pump: the source's batches -> the broker.
 
-The broker takes snapshots from a table that must be as of the last published seq.
-The server keeps that table itself, applying each event just before publishing it (a
-consumer's invariant: every frame applied gives the kernel's table), so the pump can
-publish a big batch (a drained kernel queue: thousands of events) in slices and let the
-writers drain the subscribers' queues in between; otherwise one batch larger than a
-queue would resync even the fastest subscriber.
+There is one table: the source's, as of the end of the batch it last yielded; the
+broker takes its snapshots from it. The pump publishes a big batch (a drained kernel
+queue: thousands of events) in slices and lets the writers drain the subscribers'
+queues in between (otherwise one batch larger than a queue would resync even the
+fastest subscriber); while it does, the table is ahead of the last published seq, so
+the batch is opened on the broker and the snapshots asked for meanwhile wait for it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import aclosing
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -21,10 +22,12 @@ import msgspec
 from ..cgroups import ContainerLookup
 from ..constants import STOPPING
 from ..errors import AmountdError
-from ..model import End, Event, Resync
+from ..model import End, Resync
 from ..sources import Source
-from ..table import MountTable, apply
 from .daemon import Change
+
+if TYPE_CHECKING:
+    from ..broker import Broker
 
 __all__ = ["Pump"]
 
@@ -34,17 +37,17 @@ log = logging.getLogger("amountd.server")  # the name the daemon's log lines hav
 class Pump:
     """Moves one source's changes into the broker, `step` frames between checkpoints.
 
-    `publish` is the broker's, with the server-wide filter and the counts on it
+    `publish` is `broker`'s, with the server-wide filter and the counts on it
     (amountd.serve.daemon.Service.publisher); `stamp` marks a batch's arrival."""
 
     def __init__(
         self,
-        table: MountTable,
+        broker: Broker,
         publish: Callable[[Change], None],
         stamp: Callable[[], None],
         step: int,
     ) -> None:
-        self.table = table
+        self.broker = broker
         self.publish = publish
         self.stamp = stamp
         self.step = step
@@ -54,11 +57,9 @@ class Pump:
         """The `end` reason the server sends when it stops."""
 
     async def run(self, src: Source, done: anyio.CancelScope) -> None:
-        """Batches -> broker, in slices, each frame applied to our table and published
-        with no await in between (snapshots come from that table, as of the last seq).
-        Cancels `done` when the source ends or fails."""
+        """Batches -> broker, in slices (the batch opened on the broker while the table
+        is ahead of the last seq). Cancels `done` when the source ends or fails."""
 
-        publish, stamp, table, step = self.publish, self.stamp, self.table, self.step
         containers = ContainerLookup()  # what runs in each namespace, for resync/end
         for ns in getattr(src, "namespaces", [src.ns]):
             containers.hint(ns.ns_id, ns.pid)
@@ -67,27 +68,18 @@ class Pump:
         try:
             async with aclosing(src.changes()) as batches:
                 async for batch in batches:
-                    stamp()
-                    for i, item in enumerate(batch, 1):
-                        frame = item
-                        if type(frame) is Event:
-                            apply(table, frame)
-                        elif isinstance(frame, (Resync, End)) and frame.ns_id is not None:
-                            if frame.container is not None:
-                                containers.remember(frame.ns_id, frame.container)
-                            else:
-                                frame = msgspec.structs.replace(
-                                    frame, container=containers(frame.ns_id)
-                                )
-                        publish(frame)
-                        if isinstance(frame, End) and frame.ns_id is None:  # else: one of several
-                            log.info("the namespace ended (%s): stopping", frame.reason)
-                            done.cancel()
-                            return
-                        if i % step == 0:
-                            # Let the writers drain the queues: one batch can hold more
-                            # events than a subscriber's queue (the kernel's whole queue).
-                            await anyio.lowlevel.checkpoint()
+                    self.stamp()
+                    if len(batch) <= self.step:
+                        ended = self._out(batch, containers)
+                    else:
+                        self.broker.open_batch()
+                        try:
+                            ended = await self._out_sliced(batch, containers)
+                        finally:
+                            self.broker.close_batch()
+                    if ended:
+                        done.cancel()
+                        return
             log.error("the source stopped without an end: stopping")
             self.stop_reason = f"{STOPPING}: the source stopped"
         except Exception as e:
@@ -98,3 +90,31 @@ class Pump:
             self.failure = e
             self.stop_reason = f"{STOPPING}: {e}"
         done.cancel()
+
+    def _out(self, batch: list[Change], containers: ContainerLookup) -> bool:
+        """Publish `batch` (no await); True once the namespace's `end` is out."""
+        return any(self._one(frame, containers) for frame in batch)  # stops at `end`
+
+    async def _out_sliced(self, batch: list[Change], containers: ContainerLookup) -> bool:
+        """Publish `batch`, `step` frames between checkpoints: one batch can hold more
+        events than a subscriber's queue (the kernel's whole queue), so the writers
+        drain the queues in between. True once the namespace's `end` is out."""
+        step = self.step
+        for i in range(0, len(batch), step):
+            if i:
+                await anyio.lowlevel.checkpoint()
+            if self._out(batch[i : i + step], containers):
+                return True
+        return False
+
+    def _one(self, frame: Change, containers: ContainerLookup) -> bool:
+        if isinstance(frame, (Resync, End)) and frame.ns_id is not None:
+            if frame.container is not None:
+                containers.remember(frame.ns_id, frame.container)
+            else:
+                frame = msgspec.structs.replace(frame, container=containers(frame.ns_id))
+        self.publish(frame)
+        if isinstance(frame, End) and frame.ns_id is None:  # else: one of several
+            log.info("the namespace ended (%s): stopping", frame.reason)
+            return True
+        return False

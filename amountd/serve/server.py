@@ -5,7 +5,7 @@ the broker numbers and fans out), made of one part per job:
 
 - amountd.serve.listeners: the Unix socket, TCP, TLS, and the sockets systemd passes;
 - amountd.serve.connection: one subscriber's connection, start to end;
-- amountd.serve.pump: the source's batches -> the server's table -> the broker;
+- amountd.serve.pump: the source's batches -> the broker (the source's table is the one table);
 - amountd.serve.daemon: systemd, signals and SIGHUP, metrics, and `status`.
 
 Here: they are put together, run, and shut down in order.
@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 import anyio.abc
@@ -30,7 +30,7 @@ from ..accept import resilient
 from ..broker import Broker
 from ..cgroups import container_of_pid
 from ..limits import Connections, effective_cap, raise_nofile
-from ..model import End
+from ..model import End, Mount
 from ..protocol import StatusRequest
 from ..sockdir import precheck
 from ..sources import Source
@@ -67,16 +67,16 @@ class Server:
         self,
         config: ServeConfig,
         broker: Broker,
-        table: MountTable,
+        table: Callable[[], MountTable],
         service: Service | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
-        self.table = table
+        self._table = table
         self.service = service if service is not None else Service()
         """systemd, signals and SIGHUP, metrics, status (amountd.serve.daemon)."""
         self.pump = Pump(
-            table,
+            broker,
             # The server-wide filter and the counts (metrics, status) ride on publish.
             self.service.publisher(broker.publish),
             self.service.stamp,
@@ -103,6 +103,11 @@ class Server:
     @socket_gid.setter
     def socket_gid(self, gid: int | None) -> None:
         self.subscribers.socket_gid = gid
+
+    @property
+    def table(self) -> MountTable:
+        """The source's table (as of the last seq while the broker is settled)."""
+        return self._table()
 
     @property
     def stop_reason(self) -> str:
@@ -193,13 +198,18 @@ async def serve(config: ServeConfig, service: Service | None = None) -> None:
         unlimited_queue=config.unlimited_queue,
         sweep=SweepSettings(config.sweep_interval, config.sweep_budget),
     ) as src:
-        # The table as of the last published frame: the source's own is as of the end
-        # of its latest batch, which the pump publishes in slices.
-        table = src.table.copy()
+        # The one table: the source's (a resync may give it a new one, so it is
+        # looked up each time), as of the last seq whenever the broker is settled.
+        def table() -> MountTable:
+            return src.table
+
+        def mounts() -> Iterable[Mount]:
+            return src.table.mounts()
+
         broker = Broker(
             ring=config.ring,
             queue=config.queue,
-            table=service.view(table.mounts),  # the server-wide filter applied
+            table=service.view(mounts),  # the server-wide filter applied
             ns_id=src.ns_id,
             source=source_label(src),
             reason=src.reason,

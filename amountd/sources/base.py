@@ -20,10 +20,10 @@ class Source(abc.ABC):
     """One kernel fd (or a few) turned into changes of one mount namespace.
 
     `arm()` opens everything and reads the table; from then on every change is reported
-    by `changes()`. The source applies each batch to `table` before yielding it, so
-    between batches `table` is the namespace's table as of the last change yielded:
-    the broker and the API take snapshots from it. Events carry seq=0; whoever fans
-    them out numbers them.
+    by `changes()`. The source applies each batch to `table` right before yielding it,
+    with no await in between, so while it waits `table` is the namespace's table as of
+    the last change yielded: it is the one table, the server's broker and the API take
+    their snapshots from it. Events carry seq=0; whoever fans them out numbers them.
     """
 
     kind: ClassVar[str]

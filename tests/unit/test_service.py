@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -30,7 +31,7 @@ def _rig(settings: Config, reload: Callable[[], Config] | None = None) -> tuple[
     service = Service(settings, reload=reload)
     table = MountTable([mount(1, "/", full=False)])
     broker = Broker(table=service.view(table.mounts), queue=1024)
-    return service, Server(ServeConfig(), broker, table, service)
+    return service, Server(ServeConfig(), broker, lambda: table, service)
 
 
 async def _drain(sub: object) -> list[Frame]:
@@ -98,7 +99,7 @@ async def test_reload_applies_live_keys_only(caplog: pytest.LogCaptureFixture) -
     old = Config(queue=100, ring=10)
     new = Config(queue=5, ring=20, filter=FilterConfig(fstypes=["nfs"]))
     service, server = _rig(old, reload=lambda: new)
-    service.reload(server)
+    await service.reload(server)
     assert server.broker.queue_limit == 5
     assert service.scope == Filter(fstypes=["nfs"])
     assert service.settings == Config(queue=5, ring=10, filter=FilterConfig(fstypes=["nfs"]))
@@ -108,7 +109,7 @@ async def test_reload_applies_live_keys_only(caplog: pytest.LogCaptureFixture) -
         raise ConfigError("unknown key 'x' in /etc/amountd/amountd.toml")
 
     service, server = _rig(old, reload=broken)
-    service.reload(server)
+    await service.reload(server)
     assert service.settings == old and server.broker.queue_limit == 1024
     assert "unknown key 'x'" in caplog.text
 
@@ -139,3 +140,21 @@ def test_status_frame_is_one_consistent_view() -> None:
     assert st.pid == os.getpid() and st.subscribers == 1
     assert [(s.peer, s.format) for s in st.subscriber] == [("unix pid=1 uid=0 gid=0", "msgpack")]
     assert msgspec.json.decode(msgspec.json.encode(st), type=Status) == st
+
+
+async def test_a_new_filter_waits_for_the_open_batch() -> None:
+    """The table is ahead of the last seq while the pump publishes a batch in slices: the
+    difference a new filter makes is taken once the batch is out, never from inside it."""
+    old = Config()
+    new = Config(filter=FilterConfig(fstypes=["nfs"]))
+    service, server = _rig(old, reload=lambda: new)
+    server.broker.open_batch()
+    with pytest.raises(RuntimeError, match="wait_settled"):
+        service.rescope(server, Filter(fstypes=["nfs"]))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service.reload, server)
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        assert service.scope is None  # still waiting
+        server.broker.close_batch()
+    assert service.scope == Filter(fstypes=["nfs"])
