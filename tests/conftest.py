@@ -155,8 +155,9 @@ def _requirements(dist: str) -> set[str]:
 
 
 @functools.cache
-def _world_readable_site() -> str:
-    """A copy of amountd and the packages it needs in a directory any uid can read.
+def _world_readable_site(*extra: str) -> str:
+    """A copy of amountd and the packages it needs (and `extra` ones, with theirs) in a
+    directory any uid can read.
 
     The checkout and its venv may sit in a 0700 directory (a clone under /root): another
     uid cannot import from there, so what it runs is copied out once per session."""
@@ -165,7 +166,8 @@ def _world_readable_site() -> str:
     site = tempfile.mkdtemp(prefix="amountd-site-")
     os.chmod(site, 0o755)
     atexit.register(shutil.rmtree, site, True)
-    for name in _requirements("amountd") - {"amountd"}:
+    needed = _requirements("amountd").union(*(_requirements(e) for e in extra))
+    for name in needed - {"amountd"}:
         for f in importlib.metadata.files(name) or []:
             src = Path(str(f.locate()))
             if f.parts[0] != ".." and ".dist-info" not in f.parts[0] and src.is_file():
@@ -186,9 +188,13 @@ def _world_readable_site() -> str:
     return site
 
 
-def as_user(uid: int, argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """`python ARGV` as `uid`: the command and environment, runnable from any checkout."""
-    env = dict(os.environ, PYTHONPATH=_world_readable_site(), PYTHONNOUSERSITE="1")
+def as_user(
+    uid: int, argv: Sequence[str], *, packages: Sequence[str] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """`python ARGV` as `uid`: the command and environment, runnable from any checkout
+    (with amountd's packages, and `packages` too)."""
+    site = _world_readable_site(*packages)
+    env = dict(os.environ, PYTHONPATH=site, PYTHONNOUSERSITE="1")
     python = os.path.realpath(sys._base_executable)  # the venv's bin/ may be unreachable
     cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", python, *argv]
     return cmd, env
@@ -202,6 +208,4 @@ def run_cli(
         cmd = [sys.executable, "-m", "amountd", *args]
         return subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
     cmd, env = as_user(user, ["-m", "amountd", *args])
-    return subprocess.run(
-        cmd, capture_output=True, timeout=timeout, check=False, env=env, cwd="/"
-    )
+    return subprocess.run(cmd, capture_output=True, timeout=timeout, check=False, env=env, cwd="/")

@@ -241,6 +241,7 @@ def test_no_module_imports_up_a_layer() -> None:
     assert not up, "imports up a layer (docs/architecture.md):\n" + "\n".join(up)
 
 
+@pytest.mark.child
 @pytest.mark.parametrize("command", ["subscribe", "status"])
 def test_client_commands_load_no_server_module(command: str) -> None:
     """`subscribe` and `status` are clients: running one (here against a socket that is

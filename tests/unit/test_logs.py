@@ -203,6 +203,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.child
 @pytest.mark.parametrize("matches", [True, False])
 def test_real_stderr_of_a_child(tmp_path: Path, matches: bool) -> None:
     """fd 2 itself, as systemd sets it up: JOURNAL_STREAM names the stderr we got."""
