@@ -22,7 +22,7 @@ import msgspec
 from ..cgroups import ContainerLookup
 from ..constants import STOPPING
 from ..errors import AmountdError
-from ..model import End, Resync
+from ..model import End, Event, Resync
 from ..sources import Source
 from .daemon import Change
 
@@ -108,6 +108,9 @@ class Pump:
         return False
 
     def _one(self, frame: Change, containers: ContainerLookup) -> bool:
+        if type(frame) is Event:  # the common case, first
+            self.publish(frame)
+            return False
         if isinstance(frame, (Resync, End)) and frame.ns_id is not None:
             if frame.container is not None:
                 containers.remember(frame.ns_id, frame.container)
