@@ -268,6 +268,17 @@ class _Watcher:
         )
 
 
+async def _steady_fds(srv: Serve) -> int:
+    """The server's fd count once it holds still (four looks 50 ms apart agree): a
+    count taken while it is still settling in would make "back to the start" unfair."""
+    seen: list[int] = []
+    with anyio.fail_after(30):
+        while len(seen) < 4 or len(set(seen[-4:])) > 1:
+            seen.append(srv.fds())
+            await anyio.sleep(0.05)
+    return seen[-1]
+
+
 async def _fds_back_to(srv: Serve, start: int, what: str) -> float:
     t0 = time.monotonic()
     await wait_for(lambda: srv.fds() <= start, timeout=60, what=f"{what}: fds back to {start}")
@@ -295,7 +306,7 @@ async def test_two_thousand_connections_at_fd_limit_256(
             tg.start_soon(sub.run)
             watcher = _Watcher(private_ns, sub)
             await watcher.served()
-            start = srv.fds()
+            start = await _steady_fds(srv)
 
             nobody = _python(FLOOD, "hold", f"tcp:{port}", "850", user=NOBODY)
             r1 = await _result(nobody)
@@ -342,7 +353,7 @@ async def test_a_closed_tcp_peer_is_reaped_at_once(serve_for: type[Serve]) -> No
     read side notices that it left."""
     srv = serve_for("--tcp", "127.0.0.1:0").start()
     port = srv.tcp_port()
-    start = srv.fds()
+    start = await _steady_fds(srv)
     times = []
     for i in range(5):
         stream = await anyio.connect_tcp("127.0.0.1", port)
@@ -550,7 +561,7 @@ async def test_fuzz_several_clients(serve_for: type[Serve], private_ns: PrivateN
             tg.start_soon(sub.run)
             watcher = _Watcher(private_ns, sub)
             await watcher.served()
-            start = srv.fds()
+            start = await _steady_fds(srv)
             secs = str(FUZZ_SECONDS)
             fuzzers = [
                 _python(FUZZ, f"unix:{srv.sock}", secs, "1"),
