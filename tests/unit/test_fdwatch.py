@@ -1,5 +1,6 @@
-"""loop.FdWatch: one wait for several fds, with a deadline, on asyncio and trio alike
-(on asyncio the epoll fd stays registered with the loop from one wait to the next)."""
+"""The hot path's pieces: loop.FdWatch (one wait for several fds, with a deadline, on
+asyncio and trio alike; on asyncio the epoll fd stays registered with the loop from one
+wait to the next) and the fanotify source's cache of process names."""
 
 from __future__ import annotations
 
@@ -80,3 +81,25 @@ async def test_a_cancelled_wait_leaves_the_watch_usable() -> None:
     finally:
         watch.close()
         os.close(a)
+
+
+def test_a_process_name_is_read_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fanotify's pid -> comm: read once for the changes one process makes in a row,
+    read again once _COMM_TTL has passed."""
+    from amountd.sources import fanotify
+
+    reads: list[int] = []
+
+    def comm(pid: int) -> str:
+        reads.append(pid)
+        return f"p{pid}"
+
+    clock = [100.0]
+    monkeypatch.setattr(fanotify, "_comm", comm)
+    monkeypatch.setattr(fanotify.time, "monotonic", lambda: clock[0])
+    kernel = fanotify._Statmount(1 << 32)
+    assert [kernel.comm(7), kernel.comm(7), kernel.comm(8)] == ["p7", "p7", "p8"]
+    assert reads == [7, 8]
+    clock[0] += fanotify._COMM_TTL
+    assert kernel.comm(7) == "p7"
+    assert reads == [7, 8, 7]
