@@ -11,10 +11,12 @@ is not to be had by one thread of ours, blocked in poll(), doing the same.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
 import threading
+import time
 
 import anyio
 
@@ -43,11 +45,21 @@ def fd_is_readable(fd: int) -> bool:
 
 
 class FdWatch:
-    """Several readable fds behind one epoll fd the event loop can await."""
+    """Several readable fds behind one epoll fd the event loop can await.
+
+    On asyncio the epoll fd stays registered with the loop from one wait to the next
+    (anyio.wait_readable adds and removes a reader per wait: two epoll_ctl calls and a
+    loop handle per change). It is let go only when it turns readable with nobody
+    waiting, so that a level-triggered fd no one reads cannot spin the loop. Other
+    backends wait through anyio.
+    """
 
     def __init__(self) -> None:
         self._ep = select.epoll()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the reader is added
+        self._waiter: asyncio.Future[None] | None = None
+        self._asyncio: bool | None = None  # decided at the first wait
 
     def add_readable(self, fd: int) -> None:
         self._ep.register(fd, select.EPOLLIN)
@@ -55,10 +67,49 @@ class FdWatch:
     def remove(self, fd: int) -> None:
         self._ep.unregister(fd)
 
-    async def wait(self) -> list[int]:
-        """Wait until one fd is readable; the fds that are (level-triggered: still so)."""
-        await anyio.wait_readable(self._ep.fileno())
+    async def wait(self, deadline: float | None = None) -> list[int]:
+        """Wait until one fd is readable, or until `deadline` (time.monotonic()) has
+        passed; the fds readable then (level-triggered: still so; empty at the deadline)."""
+        if self._asyncio is None:
+            self._asyncio = _on_asyncio()
+        if self._asyncio:
+            await self._wait_asyncio(deadline)
+        elif deadline is None:
+            await anyio.wait_readable(self._ep.fileno())
+        else:
+            with anyio.move_on_after(deadline - time.monotonic()):
+                await anyio.wait_readable(self._ep.fileno())
         return self.ready()
+
+    def _on_readable(self) -> None:
+        w = self._waiter
+        if w is None:  # nobody waits: let go, the next wait adds the reader again
+            self._unregister()
+        elif not w.done():
+            w.set_result(None)
+
+    def _unregister(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed already
+                self._loop.remove_reader(self._ep.fileno())
+            self._loop = None
+
+    async def _wait_asyncio(self, deadline: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._unregister()
+            loop.add_reader(self._ep.fileno(), self._on_readable)
+            self._loop = loop
+        w = self._waiter = loop.create_future()
+        timer = None
+        if deadline is not None:
+            timer = loop.call_later(deadline - time.monotonic(), _wake, w)
+        try:
+            await w
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def ready(self) -> list[int]:
         """The fds readable now, without waiting."""
@@ -67,8 +118,22 @@ class FdWatch:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._unregister()
             _notify_closing(self._ep.fileno())
             self._ep.close()
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return True
+
+
+def _wake(w: asyncio.Future[None]) -> None:
+    if not w.done():
+        w.set_result(None)
 
 
 class PriorityWatch:

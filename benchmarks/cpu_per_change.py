@@ -1,24 +1,23 @@
-"""CPU per mount change, by source and table size.
+"""CPU per mount change, by source and table size, beside the C floor.
 
 In a private namespace holding N mounts, a watcher PROCESS follows K mount+umount pairs
 made by nsdriver.py inside the namespace; its CPU (every thread, from schedstat, before
 and after, less its idle rate over the same time) is divided by the changes made.
 
-Rows: `amountd watch --json --source fanotify`, `... --source listmount` (the kernels
-without fanotify mount events: IDs listed, new mounts stat'ed, sweeps within their CPU
-budget), `... --source mountinfo`, and `findmnt --poll --task PID` (util-linux: the
-tool every Linux machine already has).
+Rows: `amountd watch --json --source fanotify` (on asyncio, and `--backend trio`),
+`... --source listmount` (the kernels without fanotify mount events: IDs listed, new
+mounts stat'ed, sweeps within their CPU budget), `... --source mountinfo`,
+`findmnt --poll --task PID` (util-linux: the tool every Linux machine already has), and
+`cfloor` (benchmarks/cfloor.c, built with the system's `cc`: fanotify read + one
+statmount per attach + one flushed line per change, the least a watcher can do).
 
-Three modes, the gaps set per watcher and table size from a calibration (the median
-CPU per change of a few changes made one at a time, each waited for):
-- isolated: one change every max(50 ms, 5x that cost): each change meets an idle
-  watcher, as mount changes on a real machine mostly do;
-- paced: one change every max(1 ms, 5x that cost) (one pair every 2 ms where the
-  watcher is fast enough): the watcher keeps up and reports every change;
-- unpaced: the pairs as fast as the kernel makes them; a watcher that re-reads the table
-  coalesces changes (it reports fewer than were made), fanotify reads them in batches.
-A watcher too slow to make 2 pairs within the budget (findmnt at 10,000 mounts) gets
-its calibration figures in the isolated and paced rows (marked `calibration`).
+One pacing for every watcher and size, so that rows compare: one change every 8 ms,
+one every 80 ms (each change meets an idle watcher: waking it is most of what it
+costs), each after unmeasured pairs at the same pacing (amountd's sweeps have spent
+their burst: what is measured is the steady state), and unpaced (the pairs as fast as
+the kernel makes them: a watcher that re-reads the table coalesces changes, fanotify
+reads them in batches). A watcher slower than the pacing falls behind and reports
+fewer changes than were made.
 """
 
 from __future__ import annotations
@@ -26,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,10 @@ from .common import (
 __all__ = ["SOURCES", "run"]
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = ("fanotify", "listmount", "mountinfo", "findmnt")
-MODES = ("isolated", "paced", "unpaced")
-MIN_GAPS = {"isolated": 0.05, "paced": 0.001}
-GAP_FACTOR = 5.0  # the paced gaps, in multiples of the watcher's CPU per change
+SOURCES = ("cfloor", "fanotify", "fanotify-trio", "listmount", "mountinfo", "findmnt")
+MODES = ("8ms", "80ms", "unpaced")
+GAPS = {"8ms": 0.008, "80ms": 0.08, "unpaced": 0.0}  # s between two changes
+CFLOOR_C = Path(__file__).resolve().parent / "cfloor.c"
 
 
 def _env() -> dict[str, str]:
@@ -77,43 +78,70 @@ class Plan:
     """How much to measure: the default mode's figures, or --quick's (seconds in all)."""
 
     sizes: tuple[int, ...] = (100, 1000, 10000)
-    pairs: int = 500
-    budget: float = 10.0  # seconds of paced changes per row, at most
+    pairs: int = 500  # unpaced
+    paced_pairs: int = 100  # at 8 ms and at 80 ms
+    lead_pairs: int = 20  # unmeasured, at the same pacing first: a steady state
     quiet: float = 0.3  # idle this long: the watcher caught up
     start_quiet: float = 0.3  # the same after a start that no `ready` announced (findmnt)
-    change_timeout: float = 120.0  # for one calibration change (else: a retry)
+    change_timeout: float = 120.0  # for one warm-up change (else: a retry)
     step: float = 0.05  # how often the watcher's CPU is read while waiting for quiet
     idle_s: float = 1.0
-    rounds: int = 3  # calibration rounds (the median is used)
-    warm_up: bool = True  # one calibration first, thrown away (first-use costs)
-    min_pairs: int = 2  # fewer within the budget: the row is the calibration's
+    warm_up: bool = True  # one change alone first, thrown away (first-use costs)
     tail: float = 0.2  # after quiet, how long our reader may take to count the last lines
-    fanotify_tail: float = 0.2  # the same for fanotify, which reports every change
+    fanotify_tail: float = 0.2  # the same for the watchers that report every change
 
 
 # Quick: the watcher's idle rate and "caught up" from 10 ms reads (idle is 0 for all
-# three), no warm-up, 0.1 s of paced changes (one isolated pair); fanotify's tail is long
-# because it reports every change (the wait ends as soon as they are counted), the
-# re-readers' short (they coalesce: the wait always runs to its end).
+# of them), no warm-up, 2 paced pairs; fanotify's tail is long because it reports every
+# change (the wait ends as soon as they are counted), the re-readers' short (they
+# coalesce: the wait always runs to its end).
 QUICK = Plan(
     sizes=(100, 1000),
     pairs=20,
-    budget=0.1,
-    min_pairs=1,
+    paced_pairs=2,
+    lead_pairs=0,
     quiet=0.03,
     start_quiet=0.1,
     change_timeout=10.0,
     step=0.01,
     idle_s=0.03,
-    rounds=1,
     warm_up=False,
     tail=0.05,
     fanotify_tail=2.0,
 )
 
+# The watchers that report every change made (the others re-read and coalesce).
+EVERY_CHANGE = ("cfloor", "fanotify", "fanotify-trio", "listmount")
 
-def start_watcher(source: str, pid: int) -> Watcher:
-    """The watcher process for one row, armed (amountd: its `ready` frame came)."""
+
+def _cfloor_change(line: bytes) -> bool:
+    return line[:1] in (b"+", b"-")
+
+
+def _cfloor_ready(line: bytes) -> bool:
+    return line == b"ready\n"
+
+
+def build_cfloor(out_dir: Path) -> tuple[Path | None, str | None]:
+    """benchmarks/cfloor.c compiled with the system's C compiler: (binary, None), or
+    (None, why not)."""
+    cc = next((shutil.which(n) for n in ("cc", "gcc", "clang") if shutil.which(n)), None)
+    if cc is None:
+        return None, "no C compiler (cc, gcc, clang) on PATH: no C floor row"
+    exe = out_dir / "cfloor"
+    try:
+        subprocess.run(
+            [cc, "-O2", "-o", str(exe), str(CFLOOR_C)], check=True, capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        err = getattr(e, "stderr", b"") or b""
+        why = err.decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
+        return None, f"{cc} could not build cfloor.c ({why[0]}): no C floor row"
+    return exe, None
+
+
+def start_watcher(source: str, pid: int, cfloor: Path | None = None) -> Watcher:
+    """The watcher process for one row, armed (amountd and cfloor: `ready` came)."""
     if source == "findmnt":
         exe = shutil.which("findmnt")
         if exe is None:
@@ -122,16 +150,28 @@ def start_watcher(source: str, pid: int) -> Watcher:
         return Watcher(
             "findmnt", [exe, "--poll", "--task", str(pid), "-n"], is_change=_findmnt_change
         )
+    if source == "cfloor":
+        if cfloor is None:
+            raise BenchmarkError("cfloor was not built")
+        return Watcher(
+            "cfloor",
+            [str(cfloor), f"/proc/{pid}/ns/mnt"],
+            is_change=_cfloor_change,
+            is_ready=_cfloor_ready,
+        )
     argv = [sys.executable, "-m", "amountd", "watch", "--json", "--ns", str(pid)]
-    argv += ["--source", source]
+    if source == "fanotify-trio":
+        argv += ["--source", "fanotify", "--backend", "trio"]
+    else:
+        argv += ["--source", source]
     return Watcher(source, argv, is_change=_amountd_event, is_ready=_amountd_ready, env=_env())
 
 
 def calibrate(ns: PrivateNs, w: Watcher, plan: Plan) -> dict[str, Any]:
     """One change alone, twice: one mount, caught up, one umount, caught up.
 
-    Its CPU per change sets the paced gap. It also proves the watcher is polling:
-    findmnt says nothing once armed, so a change it missed while starting is retried.
+    A warm-up: it also proves the watcher is polling (findmnt says nothing once armed,
+    so a change it missed while starting is retried).
     """
     quiet, step, timeout = plan.quiet, plan.step, plan.change_timeout
     # Done with its start-up reading (findmnt has no `ready` to say so).
@@ -213,93 +253,52 @@ def measure(
         "cpu_per_change_us": busy / made / 1e3,
         "cpu_per_reported_us": busy / reported / 1e3 if reported else None,
         "switches_per_change": switches / made,
-        "calibration": False,
     }
 
 
 def run(opts: Options) -> Result:
     plan = QUICK if opts.quick else Plan()
-    sizes, pairs, budget, rounds = plan.sizes, plan.pairs, plan.budget, plan.rounds
-    sources = [s for s in SOURCES if s != "findmnt" or shutil.which("findmnt")]
+    sizes = plan.sizes
     notes: list[str] = []
-    notes.append(
-        f"*: too slow to make {plan.min_pairs} pair{'s' if plan.min_pairs > 1 else ''} "
-        "within the budget: the calibration's figures "
-        "(one mount, caught up, one umount, caught up)"
-    )
+    tmp = tempfile.TemporaryDirectory(prefix="amountd-cfloor-")
+    cfloor, why = build_cfloor(Path(tmp.name))
+    sources = [
+        s
+        for s in SOURCES
+        if (s != "findmnt" or shutil.which("findmnt")) and (s != "cfloor" or cfloor)
+    ]
+    if why is not None:
+        notes.append(why)
     if "findmnt" not in sources:
         notes.append("findmnt (util-linux) is missing: its rows are left out")
     missing = left_out({"sizes": Plan().sizes}, {"sizes": sizes})
     notes += left_out_note(missing)
     records: list[dict[str, Any]] = []
-    for n in sizes:
-        with PrivateNs(keep_driver=opts.quick) as ns:
-            mounts = ns.populate(n)
-            opts.log(f"N={n}: {mounts} mounts in namespace of pid {ns.pid}")
-            for source in sources:
-                with start_watcher(source, ns.pid) as w:
-                    w.wait_ready(60)
-                    if plan.warm_up:  # first-use costs (imports, caches)
-                        calibrate(ns, w, plan)
-                    cals = [calibrate(ns, w, plan)]
-                    while len(cals) < rounds and cals[0]["cpu_per_change_us"] < 5e5:
-                        cals.append(calibrate(ns, w, plan))
-                    cals.sort(key=lambda r: float(r["cpu_per_change_us"]))
-                    cal = cals[len(cals) // 2]  # the median: one sweep or hiccup aside
-                    cost = float(cal["cpu_per_change_us"]) * 1e3
-                    idle = idle_rate(w, plan.idle_s)
-                    # listmount reports every change made once it looked (paced modes)
-                    tail = plan.fanotify_tail if source in ("fanotify", "listmount") else plan.tail
-                    for mode in MODES:
-                        gap = (
-                            max(MIN_GAPS[mode], GAP_FACTOR * cost / 1e9)
-                            if mode in MIN_GAPS
-                            else 0.0
-                        )
-                        k = min(pairs, int(budget / (2 * gap))) if gap else pairs
-                        if k >= plan.min_pairs:
-                            rec = measure(
-                                ns,
-                                w,
-                                pairs=k,
-                                gap=gap,
-                                idle_ns_per_s=idle,
-                                plan=plan,
-                                tail=tail,
-                            )
-                        else:  # too slow to pace within the budget: each change alone
-                            rec = dict(cal, calibration=True)
-                        rec.update(
-                            source=source,
-                            mode=mode,
-                            mounts=mounts,
-                            size=n,
-                            calibrated_us=cost / 1e3,
-                            calibration_rounds_us=[r["cpu_per_change_us"] for r in cals],
-                            idle_ns_per_s=idle,
-                            threads=w.threads(),
-                        )
-                        records.append(rec)
-                        opts.log(
-                            f"N={n} {source:9} {mode:8} {rec['cpu_per_change_us']:10.1f} us/change"
-                            f"  reported {rec['changes_reported']}/{rec['changes_made']}"
-                        )
+    try:
+        for n in sizes:
+            with PrivateNs(keep_driver=opts.quick) as ns:
+                mounts = ns.populate(n)
+                opts.log(f"N={n}: {mounts} mounts in namespace of pid {ns.pid}")
+                for source in sources:
+                    records += _rows(
+                        ns, source=source, mounts=mounts, n=n, plan=plan, opts=opts, cfloor=cfloor
+                    )
+    finally:
+        tmp.cleanup()
     summary = _summary(records)
     return Result(
         name="cpu_per_change",
         params={
             "sizes": list(sizes),
-            "pairs": pairs,
-            "paced_budget_s": budget,
-            "min_gap_ms": {m: g * 1e3 for m, g in MIN_GAPS.items()},
-            "gap_factor": GAP_FACTOR,
-            "calibration_rounds": rounds,
-            "min_pairs": plan.min_pairs,
+            "pairs": plan.pairs,
+            "paced_pairs": plan.paced_pairs,
+            "gaps_ms": {m: g * 1e3 for m, g in GAPS.items()},
             "warm_up": plan.warm_up,
             "quiet_s": plan.quiet,
             "idle_s": plan.idle_s,
             "modes": list(MODES),
             "sources": sources,
+            "cfloor": why or "built with the system's cc",
             "quick": opts.quick,
             "left_out": missing,
         },
@@ -308,6 +307,49 @@ def run(opts: Options) -> Result:
         notes=notes,
         summary=summary,
     )
+
+
+def _rows(
+    ns: PrivateNs,
+    *,
+    source: str,
+    mounts: int,
+    n: int,
+    plan: Plan,
+    opts: Options,
+    cfloor: Path | None,
+) -> list[dict[str, Any]]:
+    """One watcher, its rows at every pacing."""
+    out: list[dict[str, Any]] = []
+    with start_watcher(source, ns.pid, cfloor) as w:
+        w.wait_ready(60)
+        if plan.warm_up:  # first-use costs (imports, caches)
+            calibrate(ns, w, plan)
+        alone = calibrate(ns, w, plan)
+        idle = idle_rate(w, plan.idle_s)
+        tail = plan.fanotify_tail if source in EVERY_CHANGE else plan.tail
+        for mode in MODES:
+            gap = GAPS[mode]
+            k = plan.paced_pairs if gap else plan.pairs
+            if gap and plan.lead_pairs:  # the sweeps' burst spent, caches as they will be
+                ns.driver("pairs", plan.lead_pairs, gap)
+                wait_quiet(w.cpu_ns, quiet=plan.quiet, step=plan.step, limit=600)
+            rec = measure(ns, w, pairs=k, gap=gap, idle_ns_per_s=idle, plan=plan, tail=tail)
+            rec.update(
+                source=source,
+                mode=mode,
+                mounts=mounts,
+                size=n,
+                alone_us=alone["cpu_per_change_us"],
+                idle_ns_per_s=idle,
+                threads=w.threads(),
+            )
+            out.append(rec)
+            opts.log(
+                f"N={n} {source:13} {mode:8} {rec['cpu_per_change_us']:10.1f} us/change"
+                f"  reported {rec['changes_reported']}/{rec['changes_made']}"
+            )
+    return out
 
 
 def _find(records: list[dict[str, Any]], **kw: Any) -> dict[str, Any] | None:
@@ -329,10 +371,15 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     for n in sizes:
         for mode in MODES:
             fan = _find(records, size=n, mode=mode, source="fanotify")
+            floor = _find(records, size=n, mode=mode, source="cfloor")
             out["ratios"].append(
                 {
                     "size": n,
                     "mode": mode,
+                    "fanotify_over_cfloor": _ratio(fan, floor),
+                    "trio_over_cfloor": _ratio(
+                        _find(records, size=n, mode=mode, source="fanotify-trio"), floor
+                    ),
                     "mountinfo_over_fanotify": _ratio(
                         _find(records, size=n, mode=mode, source="mountinfo"), fan
                     ),
@@ -351,12 +398,16 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         f_lo = _find(records, size=lo, mode=mode, source="fanotify")
         f_hi = _find(records, size=hi, mode=mode, source="fanotify")
         m_hi = _find(records, size=hi, mode=mode, source="mountinfo")
+        x_floor = _ratio(f_hi, _find(records, size=hi, mode=mode, source="cfloor"))
         scale = _ratio(f_hi, f_lo)
         vs = _ratio(m_hi, f_hi)
         lvs = _ratio(m_hi, _find(records, size=hi, mode=mode, source="listmount"))
         targets.append(
             {
                 "mode": mode,
+                f"fanotify_{hi}_over_cfloor": x_floor,
+                "target_cfloor_max": 3.0,
+                "cfloor_met": x_floor is not None and x_floor <= 3.0,
                 f"fanotify_{hi}_over_{lo}": scale,
                 "target_scale_max": 1.5,
                 "scale_met": scale is not None and scale <= 1.5,
@@ -384,6 +435,7 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
             "reported",
             "CPU ms",
             "us/change",
+            "x the C floor",
             "us/reported",
             "wakeups/change",
         ],
@@ -391,12 +443,13 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
             [
                 r["mounts"],
                 r["source"],
-                r["mode"] + ("*" if r.get("calibration") else ""),
+                r["mode"],
                 r["gap_ms"],
                 r["changes_made"],
                 r["changes_reported"],
                 (r["cpu_ns"] - r["idle_ns"]) / 1e6,
                 r["cpu_per_change_us"],
+                _ratio(r, _find(records, size=r["size"], mode=r["mode"], source="cfloor")),
                 r["cpu_per_reported_us"],
                 r["switches_per_change"],
             ]
@@ -409,6 +462,8 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
             "N",
             "mode",
             "fanotify us",
+            "fanotify/C floor",
+            "trio/C floor",
             "mountinfo/fanotify",
             "findmnt/fanotify",
             "mountinfo/listmount",
@@ -422,6 +477,8 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
                 fan["mounts"] if fan else s["size"],
                 s["mode"],
                 fan["cpu_per_change_us"] if fan else None,
+                s["fanotify_over_cfloor"],
+                s["trio_over_cfloor"],
                 s["mountinfo_over_fanotify"],
                 s["findmnt_over_fanotify"],
                 s["mountinfo_over_listmount"],
@@ -432,7 +489,9 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
 
 def plot(result: Result, path: Path) -> None:
     colors = {
+        "cfloor": "black",
         "fanotify": "tab:green",
+        "fanotify-trio": "tab:olive",
         "listmount": "tab:orange",
         "mountinfo": "tab:red",
         "findmnt": "tab:blue",
@@ -440,7 +499,7 @@ def plot(result: Result, path: Path) -> None:
     with figure(path) as fig:
         ax = fig.add_subplot(1, 1, 1)
         for source in SOURCES:
-            for mode, style in (("isolated", ":^"), ("paced", "-o"), ("unpaced", "--s")):
+            for mode, style in (("80ms", ":^"), ("8ms", "-o"), ("unpaced", "--s")):
                 pts = sorted(
                     (r["mounts"], r["cpu_per_change_us"])
                     for r in result.records

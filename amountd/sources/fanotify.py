@@ -191,12 +191,17 @@ def _comm(pid: int) -> str | None:
         os.close(fd)
 
 
+_COMM_TTL = 1.0  # s a process's name is reused for its next events
+_COMM_KEEP = 256  # names kept at most (then forgotten all at once)
+
+
 class _Statmount:
     """The tracker's questions, answered by the kernel (the tracker's `Kernel`)."""
 
     def __init__(self, ns_id: int) -> None:
         self.ns_id = ns_id
         self.inside: Inside | None = None  # set while a process of the namespace is followed
+        self._comms: dict[int, tuple[float, str | None]] = {}  # pid -> (read at, name)
 
     def describe(self, mnt_id: int) -> Mount | None:
         return _describe(mnt_id, self.ns_id, self.inside)
@@ -218,7 +223,18 @@ class _Statmount:
         return swept_of(_fix_slave(parse_statmount(answer), self.inside, self.ns_id))
 
     def comm(self, pid: int) -> str | None:
-        return _comm(pid)
+        """A process's name, read once for the changes it makes within _COMM_TTL (3
+        syscalls an event saved); a name changed (exec, prctl) or a PID reused within
+        that second shows the old name."""
+        now = time.monotonic()
+        hit = self._comms.get(pid)
+        if hit is not None and now - hit[0] < _COMM_TTL:
+            return hit[1]
+        name = _comm(pid)
+        if len(self._comms) >= _COMM_KEEP:
+            self._comms.clear()
+        self._comms[pid] = (now, name)
+        return name
 
 
 class _Followed:
@@ -425,13 +441,10 @@ class FanotifySource(Source):
         assert watch is not None and tracker is not None, "arm() first"
         while True:
             at = tracker.wake_at(time.monotonic())
-            wait = None if at is None else at - time.monotonic()
-            if wait is None:
-                ready = await watch.wait()
-            elif wait > 0:  # a sweep is owed when the budget allows, or the interval is up
-                ready = []
-                with anyio.move_on_after(wait):
-                    ready = await watch.wait()
+            if at is None or at > time.monotonic():
+                # An fd, or the time a sweep is owed (when the budget allows) or the
+                # background interval is up: one wait, the fds registered across waits.
+                ready = await watch.wait(at)
             else:  # between two slices of a sweep: let others run, look at the fds
                 await anyio.lowlevel.checkpoint()
                 ready = watch.ready()
@@ -450,8 +463,12 @@ class FanotifySource(Source):
                 self._pid_exited()
             if out:
                 yield out  # events first; then a slice, if one is owed and allowed
+            mono = time.monotonic()
+            due = tracker.wake_at(mono)
+            if due is None or due > mono:
+                continue  # no slice owed now, or the budget says wait: no clock reads
             cpu = time.thread_time()
-            swept = tracker.sweep_slice(time.monotonic(), time.time())
+            swept = tracker.sweep_slice(mono, time.time())
             tracker.spent(time.thread_time() - cpu, time.monotonic())
             if swept:
                 yield swept

@@ -1,0 +1,105 @@
+"""The hot path's pieces: loop.FdWatch (one wait for several fds, with a deadline, on
+asyncio and trio alike; on asyncio the epoll fd stays registered with the loop from one
+wait to the next) and the fanotify source's cache of process names."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import pytest
+
+from amountd.loop import FdWatch
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_wait_returns_the_readable_fds_and_keeps_working_across_waits() -> None:
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    b = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    watch = FdWatch()
+    try:
+        watch.add_readable(a)
+        watch.add_readable(b)
+        for _ in range(3):  # the registration kept between waits still wakes us
+            os.eventfd_write(b, 1)
+            assert await watch.wait() == [b]
+            os.eventfd_read(b)
+            os.eventfd_write(a, 1)
+            assert await watch.wait(time.monotonic() + 5) == [a]
+            os.eventfd_read(a)
+    finally:
+        watch.close()
+        os.close(a)
+        os.close(b)
+
+
+async def test_a_deadline_ends_the_wait_with_nothing_ready() -> None:
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    watch = FdWatch()
+    try:
+        watch.add_readable(a)
+        assert await watch.wait(time.monotonic() + 0.02) == []
+        assert await watch.wait(time.monotonic() - 1) == []  # passed already
+    finally:
+        watch.close()
+        os.close(a)
+
+
+async def test_readable_while_nobody_waits_neither_spins_nor_is_lost() -> None:
+    """An fd that turns readable between two waits (the source busy elsewhere) is seen
+    by the next wait; meanwhile other tasks run (the loop does not spin on it)."""
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    watch = FdWatch()
+    try:
+        watch.add_readable(a)
+        os.eventfd_write(a, 1)
+        assert await watch.wait() == [a]  # registered now, and still readable
+        turns = 0
+        with anyio.move_on_after(0.05):
+            while True:
+                await anyio.sleep(0.005)
+                turns += 1
+        assert turns >= 2
+        assert await watch.wait(time.monotonic() + 5) == [a]
+    finally:
+        watch.close()
+        os.close(a)
+
+
+async def test_a_cancelled_wait_leaves_the_watch_usable() -> None:
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    watch = FdWatch()
+    try:
+        watch.add_readable(a)
+        with anyio.move_on_after(0.02) as scope:
+            await watch.wait()
+        assert scope.cancelled_caught
+        os.eventfd_write(a, 1)
+        assert await watch.wait(time.monotonic() + 5) == [a]
+    finally:
+        watch.close()
+        os.close(a)
+
+
+def test_a_process_name_is_read_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fanotify's pid -> comm: read once for the changes one process makes in a row,
+    read again once _COMM_TTL has passed."""
+    from amountd.sources import fanotify
+
+    reads: list[int] = []
+
+    def comm(pid: int) -> str:
+        reads.append(pid)
+        return f"p{pid}"
+
+    clock = [100.0]
+    monkeypatch.setattr(fanotify, "_comm", comm)
+    monkeypatch.setattr(fanotify.time, "monotonic", lambda: clock[0])
+    kernel = fanotify._Statmount(1 << 32)
+    assert [kernel.comm(7), kernel.comm(7), kernel.comm(8)] == ["p7", "p7", "p8"]
+    assert reads == [7, 8]
+    clock[0] += fanotify._COMM_TTL
+    assert kernel.comm(7) == "p7"
+    assert reads == [7, 8, 7]
