@@ -9,6 +9,10 @@
     remount PATH HOW      HOW: ro, rw, size=NNk (the superblock), bind,ro / bind,rw (the mount)
     prop PATH KIND        KIND: shared, private, slave, unbindable (mount --make-KIND)
     cycle PATH [US]       tmpfs on PATH, then remount it ro (US microseconds later: 0)
+    clone PATH            a detached copy of the mount at PATH (open_tree), kept by PATH
+    attach PATH DST       that copy attached at DST (move_mount)
+
+In `serve`, a line may hold several ops split by " ; ", made back to back.
 
 Test helper only (plain ctypes): one process makes every change, none waits between.
 """
@@ -19,8 +23,10 @@ import os
 import sys
 import time
 
-from mountcalls import MS_BIND, MS_RDONLY, MS_REMOUNT, PROP, umount
+from mountcalls import MS_BIND, MS_RDONLY, MS_REMOUNT, PROP, attach_tree, clone_tree, umount
 from mountcalls import mount as _mount
+
+CLONES: dict[bytes, int] = {}  # path cloned -> the detached tree's fd
 
 
 def run(op: str) -> None:
@@ -45,6 +51,10 @@ def run(op: str) -> None:
         if len(args) > 1:
             time.sleep(int(args[1]) / 1e6)
         _mount(None, paths[0], None, MS_REMOUNT | MS_RDONLY, None)
+    elif word == "clone":
+        CLONES[paths[0]] = clone_tree(paths[0])
+    elif word == "attach":
+        attach_tree(CLONES.pop(paths[0]), paths[1])
     else:
         raise SystemExit(f"unknown op {op!r}")
 
@@ -52,7 +62,8 @@ def run(op: str) -> None:
 def main() -> None:
     if sys.argv[1:] == ["serve"]:
         for line in sys.stdin:
-            run(line.rstrip("\n"))
+            for op in line.rstrip("\n").split(" ; "):
+                run(op)
             sys.stdout.write("ok\n")
             sys.stdout.flush()
         return

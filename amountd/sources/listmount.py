@@ -72,6 +72,10 @@ class Tracker:
         self.top = 0  # the highest ID known
         self.parsed = 0  # answers parsed by sweeps (the rest were skipped by their hash)
         self.checked = 0
+        # A check found a mount of the table gone: the ID set is in doubt until it is
+        # listed whole (an umount and a mount attached with an ID below `top`, e.g. a
+        # clone made earlier, keep the count, so the count alone never tells).
+        self.in_doubt = False
 
     def _read(self, mid: int) -> Mount | None:
         raw = self.stat(mid)
@@ -101,6 +105,7 @@ class Tracker:
         keys = table.keys()
         gone: list[Mount] = []
         if whole:  # set operations, in C: this is O(mounts) on every umount
+            self.in_doubt = False
             live = set(ids)
             gone = [table[key] for key in keys - live]
             ids = sorted(live.difference(keys))
@@ -130,8 +135,9 @@ class Tracker:
         if old is None:
             return []
         raw = self.stat(mid)
-        if raw is None:
-            return []  # gone: the POLLPRI of its umount brings it
+        if raw is None:  # gone: its umount's POLLPRI may have been explained away
+            self.in_doubt = True
+            return []
         self.checked += 1
         digest = hash(raw)
         if self._digests.get(mid) == digest:
@@ -270,10 +276,11 @@ class ListmountSource(Source):
 
     def _relist(self, now: float) -> list[Event]:
         tr = self.tracker
-        nr = self._count()
-        fresh = listmount(self._ns_id, after=tr.top, page=PAGE)
-        if nr is not None and nr == tr.expected(fresh):
-            return tr.relist(fresh, whole=False, now=now)
+        if not tr.in_doubt:
+            nr = self._count()
+            fresh = listmount(self._ns_id, after=tr.top, page=PAGE)
+            if nr is not None and nr == tr.expected(fresh):
+                return tr.relist(fresh, whole=False, now=now)
         self.relists += 1
         return tr.relist(listmount(self._ns_id, page=PAGE), whole=True, now=now)
 
@@ -301,6 +308,8 @@ class ListmountSource(Source):
         tr = self.tracker
         for mid in self._plan.take(time.monotonic(), tr.table.keys):
             out.extend(tr.check(mid, now))
+        if tr.in_doubt:
+            out.extend(self._relist(now))
         self._plan.spent(time.thread_time() - cpu, time.monotonic())
         return out
 
@@ -310,10 +319,8 @@ class ListmountSource(Source):
         ended = f"namespace of pid {self.pid} ended: the process exited"
         while True:
             at = self._plan.wake_at(time.monotonic())
-            wait = None if at is None else at - time.monotonic()
-            if wait is None or wait > 0:
-                with anyio.move_on_after(wait if wait is not None else float("inf")):
-                    await watch.wait()
+            if at is None or at > time.monotonic():
+                await watch.wait(at)  # an fd, or the time a slice is owed
             else:
                 await anyio.lowlevel.checkpoint()  # a slice at a time: others run between
             if fd_is_readable(self._pidfd):
@@ -328,7 +335,11 @@ class ListmountSource(Source):
                     return
                 if out:
                     yield out  # mounts and umounts first; then a slice, if one is owed
-            swept = self._slice()
+            try:
+                swept = self._slice()
+            except NamespaceGone:  # the whole list a gone mount asked for
+                yield [End(reason=ended)]
+                return
             if swept:
                 yield swept
 

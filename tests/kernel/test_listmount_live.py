@@ -173,6 +173,49 @@ async def test_remount_hidden_behind_mounts_is_reported(private_ns: PrivateNs) -
         await no_more_frames(frames)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("source", ["listmount", "fanotify", "mountinfo"])
+async def test_an_umount_and_an_old_clone_attached_together_are_both_seen(
+    private_ns: PrivateNs, source: str
+) -> None:
+    """A mount's clone made early (so its ID is below the highest one listed) attached
+    as another mount goes, back to back: the mount count holds and no new ID appears,
+    so listmount's cheap relist sees nothing; the sweep's check of the gone mount
+    makes the whole list be taken. Every source ends with the kernel's table."""
+    ns = private_ns
+    a, b, src, dst = ns.path("a"), ns.path("b"), ns.path("src"), ns.path("dst")
+    ns.mkdir(a, b, src, dst)
+    ns.run("mount", "-t", "tmpfs", "gone", a)
+    ns.run("mount", "-t", "tmpfs", "cloned", src)
+    cmd = ["nsenter", "-t", str(ns.pid), "-m", "--", sys.executable, str(HERE / "nsscript.py")]
+    driver = subprocess.Popen(
+        [*cmd, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    assert driver.stdin is not None and driver.stdout is not None
+    try:
+        driver.stdin.write(f"clone {src.decode()}\n")
+        assert driver.stdout.readline() == "ok\n"
+        ns.run("mount", "-t", "tmpfs", "later", b)  # an ID above the clone's
+        async with watch(source=source, ns=ns.pid, snapshot=True) as frames:
+            table = apply_frame(MountTable(), await anext(frames))
+            assert len(table) > 0 and isinstance(await anext(frames), Ready)
+            driver.stdin.write(f"umount {a.decode()} ; attach {src.decode()} {dst.decode()}\n")
+            assert driver.stdout.readline() == "ok\n"
+            evs = await _events(frames, lambda evs: {e.action for e in evs} >= {"mount", "umount"})
+            [gone] = [e.mount for e in evs if e.action == "umount"]
+            [came] = [e.mount for e in evs if e.action == "mount"]
+            assert (gone.target, gone.source) == (a.decode(), "gone")
+            assert (came.target, came.source) == (dst.decode(), "cloned")
+            for e in evs:
+                table = apply_frame(table, e)
+            kernel = parse_mountinfo(Path(f"/proc/{ns.pid}/mountinfo").read_bytes())
+            assert sorted(m.target for m in table) == sorted(m.target for m in kernel)
+            await no_more_frames(frames)
+    finally:
+        driver.stdin.close()
+        driver.wait(10)
+
+
 async def test_cycles_lose_no_remount(private_ns: PrivateNs, source: str) -> None:
     """mount, then remount,ro 0 to 2 ms later, then umount, over and over: each mount's
     last state before its umount, as the consumer holds it, is read-only (reported as a

@@ -99,6 +99,27 @@ def test_a_mount_that_came_and_went_before_it_was_described_is_not_reported() ->
     assert evs == [] and BASE + 9 not in t.table
 
 
+def test_an_umount_hidden_by_an_old_id_moved_in_is_found_by_the_sweep() -> None:
+    # A clone made early (its ID below `top`) is attached as another mount goes: the
+    # count holds and no ID above `top` appears, so the cheap relist sees nothing.
+    root, a, b = mk(1, 1, "/"), mk(2, 1, "/a"), mk(5, 1, "/b")
+    k = Kernel(root, a, b)
+    t = tracker(k)
+    del k.live[a.key]
+    clone = mk(3, 1, "/clone")
+    k.put(clone)
+    fresh = [mid for mid in k.ids() if mid > t.top]
+    assert fresh == [] and t.expected(fresh) == len(k.live)
+    assert t.relist(fresh, whole=False, now=1.0) == []
+    assert not t.in_doubt
+    assert sweep(t) == []  # the check finds /a gone ...
+    assert t.in_doubt  # ... and the ID set is no longer trusted
+    evs = t.relist(k.ids(), whole=True, now=2.0)
+    assert [(e.action, e.mount.key - BASE) for e in evs] == [("umount", 2), ("mount", 3)]
+    assert not t.in_doubt
+    assert t.table == MountTable(k.live.values())
+
+
 def test_sweep_finds_remount_move_propagation_and_skips_unchanged_answers() -> None:
     root, a, b, c = mk(1, 1, "/"), mk(2, 1, "/a"), mk(3, 1, "/b"), mk(4, 1, "/c")
     k = Kernel(root, a, b, c)
