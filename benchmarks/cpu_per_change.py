@@ -9,7 +9,10 @@ Rows: `amountd watch --json --source fanotify` (on asyncio, and `--backend trio`
 mounts stat'ed, sweeps within their CPU budget), `... --source mountinfo`,
 `findmnt --poll --task PID` (util-linux: the tool every Linux machine already has), and
 `cfloor` (benchmarks/cfloor.c, built with the system's `cc`: fanotify read + one
-statmount per attach + one flushed line per change, the least a watcher can do).
+statmount per attach + one flushed line per change, the least a watcher can do),
+`pyfloor` (benchmarks/pyfloor.py: the same watcher in Python on an asyncio loop, what
+the interpreter costs before amountd does anything), and `fanotify-hot` /
+`listmount-hot` (`--sweep-budget 0.0001`: the path of a change without the sweeps).
 
 One pacing for every watcher and size, so that rows compare: one change every 8 ms,
 one every 80 ms (each change meets an idle watcher: waking it is most of what it
@@ -49,10 +52,24 @@ from .common import (
 __all__ = ["SOURCES", "run"]
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = ("cfloor", "fanotify", "fanotify-trio", "listmount", "mountinfo", "findmnt")
+SOURCES = (
+    "cfloor",
+    "pyfloor",
+    "fanotify",
+    "fanotify-trio",
+    "fanotify-hot",
+    "listmount",
+    "listmount-hot",
+    "mountinfo",
+    "findmnt",
+)
+HOT_BUDGET = 0.0001
+"""`--sweep-budget` of the -hot rows: sweeps held to 0.01% of a core (their burst to one
+1 ms slice), so the row is the path of a change alone, what is left without sweeps."""
 MODES = ("8ms", "80ms", "unpaced")
 GAPS = {"8ms": 0.008, "80ms": 0.08, "unpaced": 0.0}  # s between two changes
 CFLOOR_C = Path(__file__).resolve().parent / "cfloor.c"
+PYFLOOR = Path(__file__).resolve().parent / "pyfloor.py"
 
 
 def _env() -> dict[str, str]:
@@ -111,7 +128,15 @@ QUICK = Plan(
 )
 
 # The watchers that report every change made (the others re-read and coalesce).
-EVERY_CHANGE = ("cfloor", "fanotify", "fanotify-trio", "listmount")
+EVERY_CHANGE = (
+    "cfloor",
+    "pyfloor",
+    "fanotify",
+    "fanotify-trio",
+    "fanotify-hot",
+    "listmount",
+    "listmount-hot",
+)
 
 
 def _cfloor_change(line: bytes) -> bool:
@@ -150,6 +175,13 @@ def start_watcher(source: str, pid: int, cfloor: Path | None = None) -> Watcher:
         return Watcher(
             "findmnt", [exe, "--poll", "--task", str(pid), "-n"], is_change=_findmnt_change
         )
+    if source == "pyfloor":
+        return Watcher(
+            "pyfloor",
+            [sys.executable, str(PYFLOOR), f"/proc/{pid}/ns/mnt"],
+            is_change=_cfloor_change,
+            is_ready=_cfloor_ready,
+        )
     if source == "cfloor":
         if cfloor is None:
             raise BenchmarkError("cfloor was not built")
@@ -162,6 +194,8 @@ def start_watcher(source: str, pid: int, cfloor: Path | None = None) -> Watcher:
     argv = [sys.executable, "-m", "amountd", "watch", "--json", "--ns", str(pid)]
     if source == "fanotify-trio":
         argv += ["--source", "fanotify", "--backend", "trio"]
+    elif source.endswith("-hot"):
+        argv += ["--source", source.removesuffix("-hot"), "--sweep-budget", str(HOT_BUDGET)]
     else:
         argv += ["--source", source]
     return Watcher(source, argv, is_change=_amountd_event, is_ready=_amountd_ready, env=_env())
@@ -365,6 +399,12 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     return float(a["cpu_per_change_us"]) / float(b["cpu_per_change_us"])
 
 
+def _less(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return float(a["cpu_per_change_us"]) - float(b["cpu_per_change_us"])
+
+
 def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     sizes = sorted({int(r["size"]) for r in records})
     out: dict[str, Any] = {"ratios": []}
@@ -390,6 +430,19 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
                         _find(records, size=n, mode=mode, source="mountinfo"),
                         _find(records, size=n, mode=mode, source="listmount"),
                     ),
+                    "pyfloor_over_cfloor": _ratio(
+                        _find(records, size=n, mode=mode, source="pyfloor"), floor
+                    ),
+                    "hot_over_cfloor": _ratio(
+                        _find(records, size=n, mode=mode, source="fanotify-hot"), floor
+                    ),
+                    "sweeps_us": _less(
+                        fan, _find(records, size=n, mode=mode, source="fanotify-hot")
+                    ),
+                    "mountinfo_over_listmount_hot": _ratio(
+                        _find(records, size=n, mode=mode, source="mountinfo"),
+                        _find(records, size=n, mode=mode, source="listmount-hot"),
+                    ),
                 }
             )
     lo, hi = min(sizes), max(sizes)
@@ -408,6 +461,10 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
                 f"fanotify_{hi}_over_cfloor": x_floor,
                 "target_cfloor_max": 3.0,
                 "cfloor_met": x_floor is not None and x_floor <= 3.0,
+                f"fanotify_hot_{hi}_over_cfloor": _ratio(
+                    _find(records, size=hi, mode=mode, source="fanotify-hot"),
+                    _find(records, size=hi, mode=mode, source="cfloor"),
+                ),
                 f"fanotify_{hi}_over_{lo}": scale,
                 "target_scale_max": 1.5,
                 "scale_met": scale is not None and scale <= 1.5,
@@ -467,6 +524,10 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
             "mountinfo/fanotify",
             "findmnt/fanotify",
             "mountinfo/listmount",
+            "sweeps us",
+            "pyfloor/C floor",
+            "hot/C floor",
+            "mountinfo/listmount-hot",
         ],
         [],
     )
@@ -482,6 +543,10 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
                 s["mountinfo_over_fanotify"],
                 s["findmnt_over_fanotify"],
                 s["mountinfo_over_listmount"],
+                s["sweeps_us"],
+                s["pyfloor_over_cfloor"],
+                s["hot_over_cfloor"],
+                s["mountinfo_over_listmount_hot"],
             ]
         )
     return [main, ratios]
@@ -490,9 +555,12 @@ def _tables(records: list[dict[str, Any]]) -> list[Table]:
 def plot(result: Result, path: Path) -> None:
     colors = {
         "cfloor": "black",
+        "pyfloor": "tab:gray",
         "fanotify": "tab:green",
         "fanotify-trio": "tab:olive",
+        "fanotify-hot": "tab:cyan",
         "listmount": "tab:orange",
+        "listmount-hot": "tab:brown",
         "mountinfo": "tab:red",
         "findmnt": "tab:blue",
     }

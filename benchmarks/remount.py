@@ -185,9 +185,7 @@ def _phase(
         "missing": len(returns) - len(lat),
         "latencies_ms": [round(v, 2) for v in lat],
         "sweep_cpu_share": out["sweep_cpu_s"] / out["wall_s"] if out["wall_s"] else None,
-        "lap_cpu_ms": (
-            out["sweep_cpu_s"] / out["checks"] * n * 1e3 if out["checks"] else None
-        ),
+        "lap_cpu_ms": (out["sweep_cpu_s"] / out["checks"] * n * 1e3 if out["checks"] else None),
         "check_us": out["sweep_cpu_s"] / out["checks"] * 1e6 if out["checks"] else None,
         **out,
     }

@@ -44,7 +44,7 @@ from ..kernel.syscalls import listmount, mntns_info, statmount
 from ..loop import FdWatch, PriorityWatch, close_fd, fd_is_readable
 from ..model import Action, End, Event, Mount
 from ..ns import Namespace, own_ns_id
-from ..sweep import SWEEP_BUDGET, SWEEP_BURST, SWEEP_INTERVAL, SweepBudget, SweepPlan
+from ..sweep import SWEEP_BUDGET, SWEEP_INTERVAL, SweepBudget, SweepPlan
 from ..table import MountTable, split_change
 from .base import Change, Source
 from .fanotify import Inside
@@ -174,7 +174,7 @@ class ListmountSource(Source):
         *,
         sweep_budget: float = SWEEP_BUDGET,
         sweep_interval: float = SWEEP_INTERVAL,
-        sweep_burst: float = SWEEP_BURST,
+        sweep_burst: float | None = None,
     ) -> None:
         super().__init__(ns)
         if ns.pid is None:

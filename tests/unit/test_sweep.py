@@ -175,3 +175,11 @@ def test_every_remount_is_checked_after_it_within_one_lap(ops: list[Op], size: i
     while plan.owed:
         account(plan.take(0.0, lambda: ids))
     assert pending == {}
+
+
+def test_the_burst_is_two_seconds_of_the_budget() -> None:
+    """0.1 s of CPU at the default 5%; a budget lowered lowers it (to one slice at least)."""
+    assert SweepPlan().budget.burst == pytest.approx(0.1)
+    assert SweepPlan(budget=0.2).budget.burst == pytest.approx(0.4)
+    assert SweepPlan(budget=0.0001, slice=0.001).budget.burst == pytest.approx(0.001)
+    assert SweepPlan(budget=0.05, burst=0.5).budget.burst == pytest.approx(0.5)
