@@ -85,8 +85,8 @@ class FdWatch:
         w = self._waiter
         if w is None:  # nobody waits: let go, the next wait adds the reader again
             self._unregister()
-        elif not w.done():
-            w.set_result(None)
+        else:
+            _wake(w)
 
     def _unregister(self) -> None:
         if self._loop is not None:

@@ -128,15 +128,8 @@ QUICK = Plan(
 )
 
 # The watchers that report every change made (the others re-read and coalesce).
-EVERY_CHANGE = (
-    "cfloor",
-    "pyfloor",
-    "fanotify",
-    "fanotify-trio",
-    "fanotify-hot",
-    "listmount",
-    "listmount-hot",
-)
+RE_READERS = ("mountinfo", "findmnt")
+EVERY_CHANGE = tuple(s for s in SOURCES if s not in RE_READERS)
 
 
 def _cfloor_change(line: bytes) -> bool:

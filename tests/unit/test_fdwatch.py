@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import anyio
 import pytest
@@ -13,6 +15,19 @@ import pytest
 from amountd.loop import FdWatch
 
 pytestmark = pytest.mark.anyio
+
+
+@contextmanager
+def watching() -> Iterator[tuple[FdWatch, int]]:
+    """A watch on one fresh eventfd; both closed after."""
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    watch = FdWatch()
+    try:
+        watch.add_readable(a)
+        yield watch, a
+    finally:
+        watch.close()
+        os.close(a)
 
 
 async def test_wait_returns_the_readable_fds_and_keeps_working_across_waits() -> None:
@@ -36,24 +51,15 @@ async def test_wait_returns_the_readable_fds_and_keeps_working_across_waits() ->
 
 
 async def test_a_deadline_ends_the_wait_with_nothing_ready() -> None:
-    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    watch = FdWatch()
-    try:
-        watch.add_readable(a)
+    with watching() as (watch, _):
         assert await watch.wait(time.monotonic() + 0.02) == []
         assert await watch.wait(time.monotonic() - 1) == []  # passed already
-    finally:
-        watch.close()
-        os.close(a)
 
 
 async def test_readable_while_nobody_waits_neither_spins_nor_is_lost() -> None:
     """An fd that turns readable between two waits (the source busy elsewhere) is seen
     by the next wait; meanwhile other tasks run (the loop does not spin on it)."""
-    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    watch = FdWatch()
-    try:
-        watch.add_readable(a)
+    with watching() as (watch, a):
         os.eventfd_write(a, 1)
         assert await watch.wait() == [a]  # registered now, and still readable
         turns = 0
@@ -63,24 +69,15 @@ async def test_readable_while_nobody_waits_neither_spins_nor_is_lost() -> None:
                 turns += 1
         assert turns >= 2
         assert await watch.wait(time.monotonic() + 5) == [a]
-    finally:
-        watch.close()
-        os.close(a)
 
 
 async def test_a_cancelled_wait_leaves_the_watch_usable() -> None:
-    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    watch = FdWatch()
-    try:
-        watch.add_readable(a)
+    with watching() as (watch, a):
         with anyio.move_on_after(0.02) as scope:
             await watch.wait()
         assert scope.cancelled_caught
         os.eventfd_write(a, 1)
         assert await watch.wait(time.monotonic() + 5) == [a]
-    finally:
-        watch.close()
-        os.close(a)
 
 
 def test_a_process_name_is_read_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
