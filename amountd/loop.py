@@ -59,6 +59,9 @@ class FdWatch:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None  # where the reader is added
         self._waiter: asyncio.Future[None] | None = None
+        self._got: list[int] | None = None  # what the reader saw ready, for its waiter
+        self._timer: asyncio.TimerHandle | None = None  # the deadline, kept across waits
+        self._timer_at = 0.0
         self._asyncio: bool | None = None  # decided at the first wait
 
     def add_readable(self, fd: int) -> None:
@@ -74,7 +77,9 @@ class FdWatch:
             self._asyncio = _on_asyncio()
         if self._asyncio:
             await self._wait_asyncio(deadline)
-        elif deadline is None:
+            got, self._got = self._got, None
+            return self.ready() if got is None else got
+        if deadline is None:
             await anyio.wait_readable(self._ep.fileno())
         else:
             with anyio.move_on_after(deadline - time.monotonic()):
@@ -85,8 +90,28 @@ class FdWatch:
         w = self._waiter
         if w is None:  # nobody waits: let go, the next wait adds the reader again
             self._unregister()
-        else:
+            return
+        # The loop runs this after the tasks it had queued: the waiter may have read
+        # what made the set ready since the loop looked (one change woke it twice).
+        got = self._ep.poll(0)
+        if got:
+            self._got = [fd for fd, _ in got]
             _wake(w)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if self._waiter is not None:
+            _wake(self._waiter)
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+        """One timer while the deadline stays (within a ms): not one per wait."""
+        t = self._timer
+        if t is not None and (deadline is None or abs(self._timer_at - deadline) > 1e-3):
+            t.cancel()
+            t = self._timer = None
+        if t is None and deadline is not None:
+            self._timer = loop.call_later(deadline - time.monotonic(), self._on_deadline)
+            self._timer_at = deadline
 
     def _unregister(self) -> None:
         if self._loop is not None:
@@ -100,16 +125,13 @@ class FdWatch:
             self._unregister()
             loop.add_reader(self._ep.fileno(), self._on_readable)
             self._loop = loop
+        self._arm_timer(loop, deadline)
+        self._got = None
         w = self._waiter = loop.create_future()
-        timer = None
-        if deadline is not None:
-            timer = loop.call_later(deadline - time.monotonic(), _wake, w)
         try:
             await w
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
 
     def ready(self) -> list[int]:
         """The fds readable now, without waiting."""
@@ -118,6 +140,9 @@ class FdWatch:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._unregister()
             _notify_closing(self._ep.fileno())
             self._ep.close()

@@ -10,12 +10,12 @@ remounts DIR/m/I (per mount, read-only and back), one mount per remount, and rea
 CLOCK_MONOTONIC around the syscall; the consumer reads the same clock as the event
 leaves the source.
 
-- quiet: nothing else happens; remounts spaced so that the budget's burst is back
-  before the next (a lone remount in a quiet namespace);
+- quiet: nothing else happens; remounts spaced so that the budget's burst and the
+  pace's lap (SWEEP_LAP) are back before the next (a lone remount in a quiet namespace);
 - churn: a second driver makes tmpfs mount/umount pairs every CHURN_GAP all along
   (continuous POLLPRIs, each owing a sweep), and the remounts come at random 0.3 to
   0.9 s apart, hidden among them. The sweeps' CPU share is their CPU over the phase's
-  wall time: the budget bounds it.
+  wall time: one lap per SWEEP_LAP, or the budget if it cannot pay that.
 
 Also measured, once per N, what one sweep step costs from Python: a statmount of the
 sweep's fields, then hashing the answer (an unchanged answer stops there), then
@@ -29,6 +29,8 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from amountd.sweep import SWEEP_BUDGET, SWEEP_LAP
 
 from .common import (
     BenchmarkError,
@@ -217,9 +219,10 @@ def run(opts: Options) -> Result:
                 range(mounts - have), len(sources) * (k_quiet + k_churn + 2)
             )
             costs[n] = _step_costs(ns)
-            # Quiet: a lone remount finds the burst back (a lap's CPU / budget, and more).
+            # Quiet: a lone remount finds the burst back (a lap's CPU / budget, and more)
+            # and the pace's lap (one a SWEEP_LAP).
             lap_s = costs[n]["statmount_hash_us"] * mounts / 1e6
-            quiet_gap = max(0.1, 1.5 * lap_s / 0.05)
+            quiet_gap = max(1.1 * SWEEP_LAP, 1.5 * lap_s / SWEEP_BUDGET)
             per = k_quiet + k_churn + 2
             for j, source in enumerate(sources):
                 picks = every[j * per : (j + 1) * per]
@@ -248,7 +251,8 @@ def run(opts: Options) -> Result:
             "sources": list(sources),
             "phases": list(phases),
             "churn_gap_ms": CHURN_GAP * 1e3,
-            "sweep_budget": 0.05,
+            "sweep_budget": SWEEP_BUDGET,
+            "sweep_lap_s": SWEEP_LAP,
             "quick": opts.quick,
             "left_out": missing,
         },
@@ -258,11 +262,12 @@ def run(opts: Options) -> Result:
             *left_out_note(missing),
             "latency = the remount event leaving the source (in-process) - the "
             "return of the remount's mount(2) (CLOCK_MONOTONIC on both sides)",
-            "quiet: remounts alone, spaced so the sweeps' burst is back; churn: a tmpfs "
+            "quiet: remounts alone, spaced so the sweeps' burst and lap are back; churn: a tmpfs "
             f"mount or umount every {CHURN_GAP * 1e3:g} ms all along, remounts 0.3-0.9 s "
             "apart among them",
             "sweep CPU share: the sweeps' thread CPU time over the phase's wall time "
-            "(budget 0.05); lap = one sweep of every mount, by the measured cost of a check",
+            f"(budget {SWEEP_BUDGET:g}, a lap per {SWEEP_LAP:g} s at most); lap = one "
+            "sweep of every mount, by the measured cost of a check",
             "step costs: us per mount from Python, best of 3 passes over the namespace",
             "each phase starts its own source and leaves out a first warm-up remount: the "
             "first round after a start decodes every answer (nothing to compare with yet)",

@@ -26,6 +26,7 @@ from .layouts import (
     parse_fanotify_events,
     parse_statmount,
     statmount_to_mount,
+    unpack_ids,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "fanotify_mark",
     "libc",
     "listmount",
+    "listmount_raw",
     "mntns_id",
     "mntns_info",
     "read_fanotify",
@@ -183,10 +185,13 @@ def stat_mount(mnt_id: int, ns_id: int = 0) -> Mount:
     return statmount_to_mount(parse_statmount(statmount(mnt_id, ns_id)))
 
 
-def listmount(
+def listmount_raw(
     ns_id: int = 0, *, root: int = c.LSMT_ROOT, after: int = 0, page: int = 0
-) -> list[int]:
-    """Every unique mount ID below `root` (LSMT_ROOT: the whole table), ascending.
+) -> bytes:
+    """Every unique mount ID below `root` (LSMT_ROOT: the whole table), ascending, as the
+    kernel writes them: u64s in the machine's byte order. Bytes, each page copied out
+    whole, because a caller that only compares lists (layouts.diff_id_lists) need not
+    make 10,000 ints.
 
     `ns_id` 0 means the caller's namespace. NamespaceGone if `ns_id` names none.
     `after`: only IDs above it (unique IDs only grow, so: the mounts made since).
@@ -196,11 +201,12 @@ def listmount(
     buf, n = tls.lm, tls.lm_n
     if 0 < page < n:
         n = page
-    out: list[int] = []
+    size = ctypes.c_size_t(n)
+    pages: list[bytes] = []
     last = after
     while True:
         req = build_mnt_id_req(root, last, ns_id)
-        r = _syscall(_SYS_listmount, req, buf, ctypes.c_size_t(n), _ZERO)
+        r = _syscall(_SYS_listmount, req, buf, size, _ZERO)
         if r < 0:
             err = ctypes.get_errno()
             if err == errno.ENOSYS:
@@ -210,10 +216,17 @@ def listmount(
             if err == errno.ENOENT and ns_id:
                 raise NamespaceGone(err, ns_id)
             raise from_errno(err, f"listmount(ns {ns_id or 'own'})")
-        out += buf[:r]
+        pages.append(ctypes.string_at(buf, r * 8))
         if r < n:
-            return out
-        last = out[-1]
+            return pages[0] if len(pages) == 1 else b"".join(pages)
+        last = buf[r - 1]
+
+
+def listmount(
+    ns_id: int = 0, *, root: int = c.LSMT_ROOT, after: int = 0, page: int = 0
+) -> list[int]:
+    """listmount_raw's IDs as ints, for callers that look at each one."""
+    return unpack_ids(listmount_raw(ns_id, root=root, after=after, page=page))
 
 
 # ----------------------------------------------------------------------- statx, nsfs

@@ -71,6 +71,35 @@ async def test_readable_while_nobody_waits_neither_spins_nor_is_lost() -> None:
         assert await watch.wait(time.monotonic() + 5) == [a]
 
 
+async def test_what_the_waiter_read_already_does_not_wake_its_next_wait() -> None:
+    """One change, one wake-up: on asyncio the loop runs the reader's callback after
+    the task it had queued, which by then has read the fd and waits again (the stale
+    readiness woke that next wait for nothing, a second pass per change)."""
+    with watching() as (watch, a):
+        for _ in range(3):
+            os.eventfd_write(a, 1)
+            assert await watch.wait() == [a]
+            os.eventfd_read(a)
+            t0 = time.monotonic()
+            assert await watch.wait(t0 + 0.05) == []
+            assert time.monotonic() - t0 >= 0.045
+
+
+async def test_a_deadline_kept_across_waits_still_ends_them() -> None:
+    """The deadline's timer is kept from one wait to the next while it stays: a wait
+    woken by an fd, then one to the same deadline, ends there."""
+    with watching() as (watch, a):
+        deadline = time.monotonic() + 0.1
+        os.eventfd_write(a, 1)
+        assert await watch.wait(deadline) == [a]
+        os.eventfd_read(a)
+        assert await watch.wait(deadline) == []
+        assert deadline - 0.005 <= time.monotonic() < deadline + 0.05
+        later = time.monotonic() + 0.03  # and a new deadline gets a new timer
+        assert await watch.wait(later) == []
+        assert time.monotonic() >= later - 0.005
+
+
 async def test_a_cancelled_wait_leaves_the_watch_usable() -> None:
     with watching() as (watch, a):
         with anyio.move_on_after(0.02) as scope:

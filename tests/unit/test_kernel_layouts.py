@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import random
 import struct
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,16 @@ from amountd.kernel.layouts import (
     FanEvent,
     StatMount,
     build_mnt_id_req,
+    diff_id_lists,
     fs_options_of,
     options_of,
+    pack_ids,
     parse_fanotify_events,
     parse_listmount,
     parse_statmount,
     propagation_of,
     statmount_to_mount,
+    unpack_ids,
 )
 from amountd.model import Mount, fspath_bytes
 
@@ -413,6 +417,115 @@ def test_parse_listmount() -> None:
     assert parse_listmount(buf, 0) == []
     with pytest.raises(MalformedBuffer):
         parse_listmount(buf, 5)
+
+
+# ------------------------------------------------------------------- ID lists as bytes
+
+B = 2**31  # unique mount IDs start here
+
+
+def _diff(old: list[int], new: list[int]) -> tuple[list[int], list[int]]:
+    """diff_id_lists on packed lists, checked against plain set arithmetic."""
+    got = diff_id_lists(pack_ids(old), pack_ids(new))
+    assert got == (sorted(set(old) - set(new)), sorted(set(new) - set(old)))
+    return got
+
+
+def test_pack_and_unpack_ids() -> None:
+    ids = [B, B + 7, 2**64 - 2]
+    raw = pack_ids(ids)
+    assert raw == struct.pack(f"={len(ids)}Q", *ids)  # listmount's layout: native u64s
+    assert unpack_ids(raw) == ids and unpack_ids(memoryview(raw)) == ids
+    assert pack_ids([]) == b"" and unpack_ids(b"") == []
+    with pytest.raises(MalformedBuffer):
+        unpack_ids(raw[:-1])
+
+
+def test_diff_id_lists_edges() -> None:
+    ids = [B + i for i in range(0, 3000, 3)]
+    assert _diff([], []) == ([], [])
+    assert _diff(ids, ids) == ([], [])
+    assert _diff(ids, []) == (ids, [])
+    assert _diff([], ids) == ([], ids)
+    for k in (0, 1, len(ids) // 2, len(ids) - 2, len(ids) - 1):  # one gone, anywhere
+        assert _diff(ids, ids[:k] + ids[k + 1 :]) == ([ids[k]], [])
+    assert _diff(ids, [*ids, ids[-1] + 1]) == ([], [ids[-1] + 1])  # the usual mount
+    # a clone attached with an old ID: below the max, between two listed ones
+    assert _diff(ids, sorted([*ids, B + 1000])) == ([], [B + 1000])
+    assert _diff(ids, sorted([*ids, B - 1])) == ([], [B - 1])  # below them all
+    # an umount and an old clone at once: the count holds, the lists differ
+    swapped = sorted([*ids[:10], *ids[11:], B + 31])
+    assert len(swapped) == len(ids) and _diff(ids, swapped) == ([ids[10]], [B + 31])
+    # a subtree gone (a run of IDs) while new ones arrive above
+    assert _diff(ids, ids[:5] + ids[50:] + [B + 5000, B + 5001]) == (
+        ids[5:50],
+        [B + 5000, B + 5001],
+    )
+    assert _diff([B, B + 2], [B + 1, B + 3]) == ([B, B + 2], [B + 1, B + 3])  # all differ
+    # hundreds scattered (past the budget of probes: the rest done with sets)
+    assert _diff(ids, sorted([*ids[::2], B + 1, B + 3001, B + 3002])) == (
+        ids[1::2],
+        [B + 1, B + 3001, B + 3002],
+    )
+
+
+def test_diff_id_lists_rejects_a_torn_buffer() -> None:
+    with pytest.raises(MalformedBuffer):
+        diff_id_lists(pack_ids([B]) + b"\0", pack_ids([B]))
+    with pytest.raises(MalformedBuffer):
+        diff_id_lists(b"", b"\0" * 12)
+
+
+class _Counted(bytes):
+    """A buffer that counts the memcmp probes made on it."""
+
+    probes = 0
+
+    def startswith(self, *a: Any) -> bool:
+        _Counted.probes += 1
+        return super().startswith(*a)
+
+    def endswith(self, *a: Any) -> bool:
+        _Counted.probes += 1
+        return super().endswith(*a)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_diff_id_lists_probes_grow_with_the_changes_not_the_length(k: int) -> None:
+    n = 100_000
+    old = list(range(B, B + n))
+    rnd = random.Random(k)
+    gone = sorted(rnd.sample(old, k))
+    new = sorted(set(old) - set(gone))
+    _Counted.probes = 0
+    assert diff_id_lists(pack_ids(old), _Counted(pack_ids(new))) == (gone, [])
+    assert _Counted.probes <= k * (2 * n.bit_length() + 2)  # gallop, halve, tail check
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_diff_id_lists_random(seed: int) -> None:
+    """Random lists and random changes (few or many, in runs or scattered)."""
+    rnd = random.Random(seed)
+    n = rnd.choice([0, 1, 2, 3, 17, 64, 500, 2000])
+    span = n * 4 + 8
+    old = set(rnd.sample(range(B, B + span), n))
+    new = set(old)
+    for _ in range(rnd.choice([0, 1, 1, 2, 5, 40, n])):
+        if new and rnd.random() < 0.5:
+            new.discard(rnd.choice(sorted(new)))
+        else:
+            new.add(rnd.randrange(B, B + span + 20))
+    _diff(sorted(old), sorted(new))
+
+
+@settings(max_examples=300)
+@given(
+    st.sets(st.integers(min_value=0, max_value=2**64 - 1), max_size=60),
+    st.sets(st.integers(min_value=0, max_value=2**64 - 1), max_size=8),
+    st.sets(st.integers(min_value=0, max_value=2**64 - 1), max_size=8),
+)
+def test_diff_id_lists_matches_sets(base: set[int], gone: set[int], added: set[int]) -> None:
+    _diff(sorted(base | gone), sorted((base - gone) | added))
 
 
 # ------------------------------------------------------------------ fanotify, captured

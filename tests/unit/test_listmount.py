@@ -7,10 +7,13 @@ The source against the kernel is in tests/kernel/test_listmount_live.py.
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 import pytest
 
-from amountd.model import Mount, encode_msgpack, fspath
+from amountd.kernel.layouts import pack_ids, unpack_ids
+from amountd.model import Event, Mount, encode_msgpack, fspath
 from amountd.sources.listmount import SweepBudget, Tracker
 from amountd.table import MountTable, apply
 
@@ -28,6 +31,7 @@ class Kernel:
 
     def __init__(self, *mounts: Mount) -> None:
         self.live = {m.key: m for m in mounts}
+        self.ghosts: set[int] = set()  # listed, but gone before statmount answers
         self.asked = 0
 
     def stat(self, mid: int) -> bytes | None:
@@ -38,8 +42,13 @@ class Kernel:
     def describe(self, raw: bytes) -> Mount:
         return self.live_by_raw[raw]
 
-    def ids(self) -> list[int]:
-        return sorted(self.live)
+    def ids(self) -> bytes:
+        """The whole list, as listmount_raw gives it."""
+        return pack_ids(sorted(self.live.keys() | self.ghosts))
+
+    def above(self, top: int) -> bytes:
+        """The IDs above `top` (listmount_raw's `after`)."""
+        return pack_ids(sorted(mid for mid in self.live.keys() | self.ghosts if mid > top))
 
     def put(self, m: Mount) -> None:
         self.live[m.key] = m
@@ -70,17 +79,18 @@ def test_new_ids_only_are_described_and_gone_ones_come_from_the_table() -> None:
     b, bb = mk(3, 2, "/a/b"), mk(4, 3, "/a/b/c")
     k.put(bb)  # listed in ID order; still reported parents first
     k.put(b)
-    fresh = [mid for mid in k.ids() if mid > t.top]
+    fresh = k.above(t.top)
     assert t.expected(fresh) == len(k.live)
     k.asked = 0
     evs = t.relist(fresh, whole=False, now=1.0)
     assert [(e.action, e.mount.key - BASE) for e in evs] == [("mount", 3), ("mount", 4)]
     assert k.asked == 2  # only the new mounts were asked about
+    assert t.ids == k.ids() and t.top == BASE + 4  # the fresh IDs appended to the list
     assert all(e.via == "mountinfo" and e.pid is None and e.old is None for e in evs)
     # a lazy umount of the tree: the kernel can no longer describe them, the table does
     for key in (BASE + 2, BASE + 3, BASE + 4):
         del k.live[key]
-    assert t.expected([]) != len(k.live)  # the count tells: list them all
+    assert t.expected(b"") != len(k.live)  # the count tells: list them all
     k.asked = 0
     evs = t.relist(k.ids(), whole=True, now=2.0)
     assert [(e.action, e.mount.key - BASE) for e in evs] == [
@@ -89,14 +99,18 @@ def test_new_ids_only_are_described_and_gone_ones_come_from_the_table() -> None:
         ("umount", 2),
     ]
     assert evs[2].mount == a and k.asked == 0
-    assert t.table == MountTable([root])
+    assert t.table == MountTable([root]) and t.ids == k.ids()
 
 
 def test_a_mount_that_came_and_went_before_it_was_described_is_not_reported() -> None:
     k = Kernel(mk(1, 1, "/"))
     t = tracker(k)
-    evs = t.relist([BASE + 9], whole=False, now=1.0)  # listed, gone before statmount
+    evs = t.relist(pack_ids([BASE + 9]), whole=False, now=1.0)  # gone before statmount
     assert evs == [] and BASE + 9 not in t.table
+    assert t.top == BASE + 9  # listed all the same: not listed as fresh again
+    # the next whole list no longer has it: no umount for what was never reported
+    assert t.relist(k.ids(), whole=True, now=2.0) == []
+    assert t.ids == k.ids()
 
 
 def test_an_umount_hidden_by_an_old_id_moved_in_is_found_by_the_sweep() -> None:
@@ -108,8 +122,8 @@ def test_an_umount_hidden_by_an_old_id_moved_in_is_found_by_the_sweep() -> None:
     del k.live[a.key]
     clone = mk(3, 1, "/clone")
     k.put(clone)
-    fresh = [mid for mid in k.ids() if mid > t.top]
-    assert fresh == [] and t.expected(fresh) == len(k.live)
+    fresh = k.above(t.top)
+    assert fresh == b"" and t.expected(fresh) == len(k.live)
     assert t.relist(fresh, whole=False, now=1.0) == []
     assert not t.in_doubt
     assert sweep(t) == []  # the check finds /a gone ...
@@ -118,6 +132,78 @@ def test_an_umount_hidden_by_an_old_id_moved_in_is_found_by_the_sweep() -> None:
     assert [(e.action, e.mount.key - BASE) for e in evs] == [("umount", 2), ("mount", 3)]
     assert not t.in_doubt
     assert t.table == MountTable(k.live.values())
+
+
+def _relist(t: Tracker, k: Kernel) -> list[Event]:
+    """ListmountSource._relist, the count being the kernel's."""
+    if not t.in_doubt:
+        fresh = k.above(t.top)
+        if len(k.live) + len(k.ghosts) == t.expected(fresh):
+            return t.relist(fresh, whole=False, now=1.0)
+    return t.relist(k.ids(), whole=True, now=1.0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_histories_keep_the_table_and_order_the_events(seed: int) -> None:
+    """Mounts, subtree umounts, old clones attached, mounts gone before described:
+    whatever the relists (cheap or whole, diffed by bytes) report, applied in order,
+    is the kernel's table, umounts children first and mounts parents first."""
+    rnd = random.Random(seed)
+    k = Kernel(mk(1, 1, "/"))
+    nxt = 2
+    clones: list[int] = []  # IDs taken early, attached later: below `top`
+    for _ in range(rnd.randrange(0, 30)):
+        k.put(mk(nxt, rnd.choice(sorted(k.live)) - BASE, f"/m{nxt}"))
+        nxt += 1
+    t = tracker(k)
+    consumer = MountTable(t.table)
+    for _ in range(60):
+        k.ghosts.clear()  # they were gone before anyone described them
+        for _ in range(rnd.randrange(1, 4)):
+            op = rnd.random()
+            keys = sorted(k.live)
+            if op < 0.35:
+                k.put(mk(nxt, rnd.choice(keys) - BASE, f"/m{nxt}"))
+            elif op < 0.45:
+                clones.append(nxt)
+            elif op < 0.55 and clones:
+                i = clones.pop(rnd.randrange(len(clones)))
+                k.put(mk(i, rnd.choice(keys) - BASE, f"/c{i}"))
+            elif op < 0.6:
+                k.ghosts.add(BASE + nxt)
+            elif len(keys) > 1:  # a lazy umount: the mount and all below it
+                doomed = {rnd.choice(keys[1:])}
+                while more := {m.key for m in k.live.values() if m.parent_id in doomed} - doomed:
+                    doomed |= more
+                for key in doomed:
+                    del k.live[key]
+            nxt += 1
+        before = MountTable(t.table)
+        batches = [_relist(t, k)]
+        if t.table.keys() != k.live.keys():  # hidden by an old clone: the sweep finds it
+            assert sweep(t) == [] and t.in_doubt
+            batches.append(_relist(t, k))
+        assert t.table == MountTable(k.live.values())
+        listed = unpack_ids(t.ids)  # may still hold ghosts; the table's IDs are all in it
+        assert listed == sorted(set(listed)) and t.table.keys() <= set(listed)
+        assert listed[-1] <= t.top
+        for evs in batches:
+            kinds = [e.action for e in evs]
+            assert kinds == sorted(kinds, key=["umount", "mount"].index)
+            for n, e in enumerate(evs):  # umounts: children first; mounts: parents first
+                later = [x.mount for x in evs[n + 1 :] if x.action == e.action]
+                if e.action == "umount":
+                    assert all(m.parent_id != e.mount.key for m in later)
+                else:
+                    assert all(m.key != e.mount.parent_id for m in later)
+            for e in evs:
+                apply(consumer, e)
+        evs = [e for b in batches for e in b]
+        gone = [e.mount.key for e in evs if e.action == "umount"]
+        added = [e.mount.key for e in evs if e.action == "mount"]
+        assert sorted(gone) == sorted(before.keys() - k.live.keys())
+        assert sorted(added) == sorted(k.live.keys() - before.keys())
+        assert consumer == t.table
 
 
 def test_sweep_finds_remount_move_propagation_and_skips_unchanged_answers() -> None:

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amountd.sweep import SweepBudget, SweepPlan, check_budget, check_interval
+from amountd.sweep import (
+    PACE_MIN_SHARE,
+    SWEEP_LAP,
+    SweepBudget,
+    SweepPlan,
+    check_budget,
+    check_interval,
+)
 
 
 def drain(plan: SweepPlan, ids: set[int], mono: float, cost: float = 5e-6) -> list[int]:
@@ -70,7 +77,7 @@ def test_an_empty_table_owes_nothing() -> None:
 def test_the_budget_spaces_slices_out() -> None:
     """Under a 5% budget with no burst beyond one slice, a slice of 1 ms of CPU is
     followed by ~20 ms without sweeping."""
-    plan = SweepPlan(interval=None, budget=0.05, burst=0.0, slice=0.001)
+    plan = SweepPlan(interval=None, budget=0.05, burst=0.0, lap=None, slice=0.001)
     ids = set(range(10_000))
     plan.poke()
     assert plan.take(0.0, lambda: ids)  # one slice's worth is always there
@@ -145,7 +152,7 @@ def test_every_remount_is_checked_after_it_within_one_lap(ops: list[Op], size: i
     (the table's size, plus the mounts made meanwhile) of checks."""
     ids = set(range(1000, 1020))
     top = 1019
-    plan = SweepPlan(interval=None, slice=size * 5e-6, burst=10.0)
+    plan = SweepPlan(interval=None, slice=size * 5e-6, burst=10.0, lap=None)
     pending: dict[int, int] = {}  # remounted ID -> checks done since its POLLPRI
     made = 0
 
@@ -183,3 +190,79 @@ def test_the_burst_is_two_seconds_of_the_budget() -> None:
     assert SweepPlan(budget=0.2).budget.burst == pytest.approx(0.4)
     assert SweepPlan(budget=0.0001, slice=0.001).budget.burst == pytest.approx(0.001)
     assert SweepPlan(budget=0.05, burst=0.5).budget.burst == pytest.approx(0.5)
+
+
+def churn(plan: SweepPlan, ids: set[int], seconds: float, every: float, cost: float) -> float:
+    """A POLLPRI every `every` s for `seconds` (1 ms steps, each running the slices the
+    plan allows, `cost` s of CPU a check); asserts each is covered within one lap of
+    SWEEP_LAP (plus a step), and gives the CPU the sweeps took."""
+    owed: dict[int, float] = {}  # mount ID -> the first POLLPRI it still owes a check for
+    cpu, next_poke = 0.0, 0.0
+    for step in range(int(seconds * 1000)):
+        now = step / 1000
+        if now >= next_poke:
+            plan.poke()
+            for mid in ids:
+                owed.setdefault(mid, now)
+            next_poke += every
+        while got := plan.take(now, lambda: ids):
+            plan.spent(cost * len(got), now)
+            cpu += cost * len(got)
+            for mid in got:
+                owed.pop(mid, None)
+        assert min(owed.values(), default=now) >= now - SWEEP_LAP - 0.002
+    return cpu
+
+
+def test_under_churn_a_lap_takes_sweep_lap_not_the_budget() -> None:
+    """A lap of 40 ms of CPU (10,000 mounts at 4 us a check; here 1,000 at 40 us): one
+    lap every SWEEP_LAP s is 3.3% of a core, where the 5% budget would sweep every
+    0.8 s."""
+    plan = SweepPlan(interval=None)
+    cpu = churn(plan, set(range(1000)), seconds=30.0, every=0.008, cost=40e-6)
+    assert cpu / 30.0 == pytest.approx(0.04 / SWEEP_LAP, rel=0.15)  # + the first burst
+    assert plan.lap_no == pytest.approx(30.0 / SWEEP_LAP, abs=3)
+
+
+def test_under_churn_a_small_table_may_take_one_percent() -> None:
+    """A lap of 5 ms (1,000 mounts at 5 us): one per SWEEP_LAP would be 0.4% of a core;
+    the pace allows 1% (PACE_MIN_SHARE), a lap every 0.5 s."""
+    plan = SweepPlan(interval=None)
+    cpu = churn(plan, set(range(1000)), seconds=30.0, every=0.008, cost=5e-6)
+    assert cpu / 30.0 == pytest.approx(PACE_MIN_SHARE, rel=0.15)
+    assert plan.lap_no == pytest.approx(30.0 / 0.5, abs=5)
+
+
+def test_under_churn_a_lap_the_budget_cannot_pay_takes_longer() -> None:
+    """100,000 mounts at 5 us a check: a lap costs 0.5 s of CPU, 42% of a core at one
+    lap per SWEEP_LAP: the budget (5%) binds, and a lap takes 10 s."""
+    plan = SweepPlan(interval=None)
+    ids = set(range(100_000))
+    plan.poke()
+    cpu = 0.0
+    for step in range(30_000):
+        now = step / 1000
+        plan.poke()
+        while got := plan.take(now, lambda: ids):
+            plan.spent(5e-6 * len(got), now)
+            cpu += 5e-6 * len(got)
+    assert (cpu - plan.budget.burst) / 30.0 == pytest.approx(0.05, rel=0.05)
+
+
+def test_a_few_changes_in_a_row_are_verified_at_once() -> None:
+    """A mount then a remount of it (two POLLPRIs) in a namespace quiet before: both
+    laps run at once, from the pace's burst, whatever SWEEP_LAP says."""
+    plan = SweepPlan(interval=None)
+    ids = set(range(1000))
+    for when in (0.0, 60.0):  # the first lap measures the checks' cost; then quiet
+        plan.poke()
+        assert len(drain(plan, ids, when)) == 1000
+        plan.poke()
+        assert len(drain(plan, ids, when + 0.001)) == 1000
+        assert not plan.owed
+
+
+def test_no_pace_sweeps_as_fast_as_the_budget() -> None:
+    plan = SweepPlan(interval=None, lap=None)
+    cpu = churn(plan, set(range(1000)), seconds=10.0, every=0.008, cost=5e-6)
+    assert (cpu - plan.budget.burst) / 10.0 == pytest.approx(0.05, rel=0.1)
