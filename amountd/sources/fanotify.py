@@ -10,7 +10,8 @@ at the same instant raise one POLLPRI), so each one owes a verification sweep: o
 statmount per mount without paths, compared to the table, an answer equal to the last
 one skipped undecoded. Sweeps run in slices of about a millisecond between two reads
 of the fanotify queue, so a mount or umount is never held back by more than a slice,
-and under a CPU budget (`sweep_budget`, a share of one core); a background sweep every
+paced to one round per SWEEP_LAP under churn, and under a CPU budget (`sweep_budget`,
+a share of one core); a background sweep every
 `sweep_interval` seconds finds propagation changes, which raise no POLLPRI. The plan
 (which mounts, when) is amountd/sweep.py's; this module only does the statmounts.
 

@@ -17,10 +17,11 @@ a sweep due: one statmount per mount, its answer hashed and skipped unparsed whe
 the same as last time's (`Tracker.check`), reported as `remount`, `propagation` or
 `move` where it differs. When and what to sweep is the fanotify source's plan
 (amountd/sweep.py's `SweepPlan`): slices of ~1 ms after the wake-up's mounts and
-umounts, so none is held back by more than a slice; a CPU budget (a share of one core,
-with a burst so that a lone remount in a quiet namespace is found at once); one round
-over the mounts in ID order, a POLLPRI covered once the round is back where it came,
-so under churn a hidden remount waits one round's CPU / the budget at most. A round also
+umounts, so none is held back by more than a slice; rounds paced to one per SWEEP_LAP
+(1.2 s) under churn, within a CPU budget (a share of one core, with a burst so that a
+lone remount in a quiet namespace is found at once); one round over the mounts in ID
+order, a POLLPRI covered once the round is back where it came, so under churn a hidden
+remount waits one round at most (SWEEP_LAP, or its CPU / the budget). A round also
 starts every `sweep_interval` seconds, for propagation changes, which raise no POLLPRI.
 
 Events say `via: mountinfo` (learnt from mountinfo's POLLPRI; `ready.source` says
