@@ -14,9 +14,10 @@ umount events back nor eat the machine:
 - a second bucket paces them to one lap every `SWEEP_LAP` seconds under churn (its
   rate: what a lap was measured to cost, per `SWEEP_LAP`; PACE_MIN_SHARE of a CPU at
   least), with a burst of a few laps, so that a few changes in a row are all verified
-  at once. The budget is a cap, not a target: a lap of 10,000 mounts costs ~35 ms, and
-  sweeping as fast as 5% of a core allows would verify the table every 0.7 s where the
-  promise is 1.2 s; a lap of 1,000 costs ~4 ms: every 80 ms, where 0.4 s is paid by 1%.
+  at once. The budget is a cap, not a target: a lap of 1,000 mounts costs ~4.5 ms, and
+  sweeping as fast as 5% of a core allows verified the table every 90 ms where the
+  promise is 1.2 s (1% pays a lap every 0.45 s); at 10,000 mounts (~45-55 ms a lap)
+  the pace and the budget meet.
 
 The sweep is one endless round over the mount IDs in ascending order (a lap), not a
 sweep restarted per POLLPRI: a POLLPRI that comes with the cursor at ID K is covered
