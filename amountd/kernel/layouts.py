@@ -29,7 +29,6 @@ __all__ = [
     "options_of",
     "pack_ids",
     "parse_fanotify_events",
-    "parse_listmount",
     "parse_statmount",
     "propagation_of",
     "statmount_to_mount",
@@ -152,13 +151,6 @@ _MNT_ID_REQ = struct.Struct("<IIQQQ")
 def build_mnt_id_req(mnt_id: int, param: int = 0, ns_id: int = 0) -> bytes:
     """A 32-byte struct mnt_id_req (VER1): the only size that carries a namespace ID."""
     return _MNT_ID_REQ.pack(c.MNT_ID_REQ_SIZE_VER1, 0, mnt_id, param, ns_id)
-
-
-def parse_listmount(buf: _Buf, count: int) -> list[int]:
-    """The first `count` u64 IDs of a listmount() answer."""
-    if count < 0 or count * 8 > len(buf):
-        raise MalformedBuffer(f"listmount: {count} IDs do not fit in {len(buf)} bytes")
-    return list(struct.unpack_from(f"<{count}Q", buf))
 
 
 # ID lists as listmount() writes them: u64s in the machine's byte order (little-endian on

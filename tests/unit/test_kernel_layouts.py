@@ -38,7 +38,6 @@ from amountd.kernel.layouts import (
     options_of,
     pack_ids,
     parse_fanotify_events,
-    parse_listmount,
     parse_statmount,
     propagation_of,
     statmount_to_mount,
@@ -409,14 +408,6 @@ def test_build_mnt_id_req() -> None:
     assert len(req) == c.MNT_ID_REQ_SIZE_VER1 == 32
     assert struct.unpack("<IIQQQ", req) == (32, 0, 2**31 + 5, c.STATMOUNT_MOUNT, 77)
     assert struct.unpack("<IIQQQ", build_mnt_id_req(c.LSMT_ROOT))[2] == 2**64 - 1
-
-
-def test_parse_listmount() -> None:
-    buf = struct.pack("<4Q", 10, 20, 30, 99)
-    assert parse_listmount(buf, 3) == [10, 20, 30]
-    assert parse_listmount(buf, 0) == []
-    with pytest.raises(MalformedBuffer):
-        parse_listmount(buf, 5)
 
 
 # ------------------------------------------------------------------- ID lists as bytes
