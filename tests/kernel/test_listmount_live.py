@@ -340,7 +340,7 @@ class _Consumer:
 @settings(
     max_examples=int(os.environ.get("AMOUNTD_AGREE_EXAMPLES", "8")),
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(drawn=st.lists(choices, min_size=5, max_size=30))
 @pytest.mark.anyio

@@ -418,7 +418,7 @@ async def _follow_ops(
     # Each example runs real mounts (~1.5 s); AMOUNTD_AGREE_EXAMPLES=500 for a long hunt.
     max_examples=int(os.environ.get("AMOUNTD_AGREE_EXAMPLES", "20")),
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(ops=st.lists(choices, min_size=4, max_size=10))
 async def test_both_sources_give_equal_frames(
